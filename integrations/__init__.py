@@ -1,0 +1,1 @@
+"""Thin integrations of moe_balance with training frameworks (imported lazily)."""

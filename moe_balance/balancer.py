@@ -1,0 +1,393 @@
+"""`Balancer`: the stateful object every integration drives.
+
+Data flow per optimizer step:
+
+1. for every micro-batch and MoE layer, ``observe`` takes the router's own logits, the experts it
+   really chose and the token mask; it adds counts into the step window (``index_add_``, no host
+   sync) and returns that layer's weighted balance loss;
+2. ``loss()`` hands back the sum of the losses observed since the last call (for loops that add
+   it to their own loss); adapters may instead attach each layer's loss to the router output;
+3. ``step()`` after each *applied* optimizer step: ONE all-reduce of every window statistic
+   stacked into a single tensor, then the bias update, the global-batch load fractions for the
+   next step, the adaptive weight, and a fresh window.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from . import stats
+from .adaptive import AdaptiveCoef
+from .bias import BiasController
+from .config import BalanceConfig, resolve_config
+from .distributed import StepReducer
+from .losses import RoutingBatch, aux_loss, scores_to_probs, z_loss
+
+# Window statistics, in the order they are stacked for the all-reduce: name -> per-layer width
+# (None = number of experts, "C" = number of capacity factors).
+_WINDOW_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("counts_LE", None),         # assignments per expert over the window
+    ("tokens_L", 1),             # valid tokens routed
+    ("batch_maxvio_sum_L", 1),   # sum over micro-batches of that micro-batch's MaxVio
+    ("batches_L", 1),            # micro-batches that had at least one valid token
+    ("dropped_sum_LC", "C"),     # sum over micro-batches of the dropped share per capacity factor
+    ("skipped_tokens_L", 1),     # tokens excluded for non-finite logits
+    ("aux_sum_L", 1),            # sum of the unweighted aux loss values
+    ("z_sum_L", 1),              # sum of the unweighted z-loss values
+    ("loss_batches_L", 1),       # micro-batches whose losses were computed
+)
+
+
+class Balancer(nn.Module):
+    """Collects router loads, computes balance losses and runs the loss-free bias controller.
+
+    Args:
+        config: a :class:`BalanceConfig`, a dict of its fields, or None (defaults) plus keywords.
+        num_layers: number of MoE layers (``L``); layer indices passed to ``observe`` are 0..L-1.
+        num_experts: routed experts per layer (``E``).
+        top_k: experts chosen per token (``K``).
+        process_group: the data-parallel group whose counts are summed (default: WORLD).
+
+    Example:
+        >>> import torch, moe_balance as mb
+        >>> bal = mb.Balancer(mb.BalanceConfig(aux_loss="switch"), num_layers=1, num_experts=4, top_k=2)
+        >>> logits_TE = torch.randn(16, 4, requires_grad=True)
+        >>> loss = bal.observe(0, logits_TE, logits_TE.topk(2).indices)
+        >>> loss.backward(); bal.step()
+        >>> sorted(bal.metrics())[:2]
+        ['aux_coef', 'aux_loss']
+    """
+
+    def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, num_layers: int,
+                 num_experts: int, top_k: int, process_group: object | None = None,
+                 **overrides: Any) -> None:
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Balancer {name}={value!r} must be a positive integer")
+        if top_k > num_experts:
+            raise ValueError(f"Balancer top_k={top_k} must be <= num_experts={num_experts}")
+        self.config = resolve_config(config, **overrides)
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        L, E = num_layers, num_experts
+        self.register_buffer("bias_LE", torch.zeros(L, E, dtype=torch.float32))
+        self.register_buffer("ema_LE", torch.zeros(L, E, dtype=torch.float64))
+        # Load fractions of the last global window, scaled to mean 1; uniform before any step,
+        # which makes the global-batch loss flat (no push) until loads have been measured.
+        self.register_buffer("global_f_LE", torch.ones(L, E, dtype=torch.float32))
+        self.register_buffer("aux_coef", torch.tensor(float(self.config.aux_loss_coef), dtype=torch.float32))
+        for name, width in _WINDOW_FIELDS:
+            self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
+                                 persistent=True)
+        self.num_steps = 0
+        self._has_ema = False
+        self._adaptive = AdaptiveCoef(self.config)
+        self.aux_coef.fill_(self._adaptive.coef)
+        self._bias = BiasController(self.config, self.bias_LE, self.ema_LE)
+        self.reducer = StepReducer(process_group)
+        self._pending: list[torch.Tensor] = []
+        self.last_window: dict[str, torch.Tensor] | None = None
+
+    def _window_shape(self, width: Any) -> tuple[int, ...]:
+        if width is None:
+            return (self.num_layers, self.num_experts)
+        if width == "C":
+            return (self.num_layers, len(self.config.capacity_factors))
+        return (self.num_layers,)
+
+    # ------------------------------------------------------------------ observe
+    def observe(self, layer: int, router_logits: torch.Tensor, topk_idx: torch.Tensor,
+                mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
+                seq_len: int | None = None, collect: bool = True) -> torch.Tensor:
+        """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
+
+        Args:
+            layer: MoE layer index in ``[0, num_layers)``.
+            router_logits: ``[T, E]`` or ``[B, S, E]`` raw router logits (with grad for losses).
+            topk_idx: ``[T, K]`` (or ``[B, S, K]``) experts actually chosen, after any bias.
+            mask: ``[T]`` or ``[B, S]``, true/1 for real tokens; padding is excluded exactly.
+            scores: the router's own scores (e.g. sigmoid affinities) if not ``score_func(logits)``.
+            seq_len: tokens per sequence when ``T = B * S`` (needed by the ``seq`` loss).
+            collect: also keep the loss for ``loss()``; adapters that attach it themselves pass False.
+        """
+        logits_TE, idx_TK, mask_T, scores_TE, seq_len = self._check(layer, router_logits, topk_idx,
+                                                                   mask, scores, seq_len)
+        finite_T = torch.isfinite(logits_TE).all(-1)
+        if scores_TE is not None:
+            finite_T = finite_T & torch.isfinite(scores_TE).all(-1)
+        valid_T = finite_T if mask_T is None else finite_T & mask_T.bool()
+        weight_T = valid_T.to(torch.float64)
+        self._count(layer, idx_TK, weight_T, mask_T, finite_T)
+        if not self.config.uses_loss:
+            return logits_TE.new_zeros((), dtype=torch.float32)
+        total = self._losses(layer, logits_TE, idx_TK, weight_T.float(), finite_T, scores_TE, seq_len)
+        if collect:
+            self._pending.append(total)
+        return total
+
+    def _check(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None,
+               scores: torch.Tensor | None, seq_len: int | None):
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"observe: layer={layer!r} out of range [0, {self.num_layers})")
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            raise TypeError(f"observe: router_logits must be a floating tensor, got {getattr(logits, 'dtype', type(logits))}")
+        if logits.dim() == 3:
+            seq_len = seq_len or logits.shape[1]
+            logits = logits.reshape(-1, logits.shape[-1])
+        if logits.dim() != 2 or logits.shape[-1] != self.num_experts:
+            raise ValueError(f"observe: router_logits shape {tuple(logits.shape)} must be [T, {self.num_experts}] "
+                             f"or [B, S, {self.num_experts}]")
+        T = logits.shape[0]
+        if idx.is_floating_point() or idx.dtype == torch.bool:
+            raise TypeError(f"observe: topk_idx must be an integer tensor, got {idx.dtype}")
+        if idx.dim() == 1:
+            idx = idx[:, None]
+        elif idx.dim() == 3:
+            idx = idx.reshape(-1, idx.shape[-1])
+        if idx.dim() != 2 or idx.shape[0] != T or not 1 <= idx.shape[1] <= self.num_experts:
+            raise ValueError(f"observe: topk_idx shape {tuple(idx.shape)} must be [T={T}, K]")
+        if mask is not None:
+            if mask.numel() != T:
+                raise ValueError(f"observe: mask has {mask.numel()} elements, router_logits has T={T} tokens")
+            mask = mask.reshape(T)
+        if scores is not None:
+            scores = scores.reshape(T, -1)
+            if scores.shape[-1] != self.num_experts:
+                raise ValueError(f"observe: scores shape {tuple(scores.shape)} must be [T, {self.num_experts}]")
+        if seq_len is not None and (seq_len < 1 or T % seq_len):
+            raise ValueError(f"observe: seq_len={seq_len} does not divide T={T}")
+        return logits, idx, mask, scores, seq_len
+
+    def _count(self, layer: int, idx_TK: torch.Tensor, weight_T: torch.Tensor,
+               mask_T: torch.Tensor | None, finite_T: torch.Tensor) -> None:
+        K = idx_TK.shape[1]
+        weight_TK = weight_T[:, None].expand(-1, K).reshape(-1)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.float64, device=weight_T.device)
+        counts_E.index_add_(0, idx_TK.reshape(-1).long(), weight_TK)
+        n_valid = weight_T.sum()
+        has_tokens = (n_valid > 0).to(torch.float64)
+        self.counts_LE[layer] += counts_E
+        self.tokens_L[layer] += n_valid
+        batch_mv = stats.maxvio(counts_E[None])[0]
+        self.batch_maxvio_sum_L[layer] += batch_mv * has_tokens
+        self.batches_L[layer] += has_tokens
+        n_assign = n_valid * K
+        for c, cf in enumerate(self.config.capacity_factors):
+            self.dropped_sum_LC[layer, c] += stats.dropped_fraction(counts_E, n_assign, cf) * has_tokens
+        real_T = torch.ones_like(finite_T) if mask_T is None else mask_T.bool()
+        self.skipped_tokens_L[layer] += (real_T & ~finite_T).sum().to(torch.float64)
+
+    def _losses(self, layer: int, logits_TE: torch.Tensor, idx_TK: torch.Tensor, weight_T: torch.Tensor,
+                finite_T: torch.Tensor, scores_TE: torch.Tensor | None, seq_len: int | None) -> torch.Tensor:
+        cfg = self.config
+        # Zero out non-finite rows *before* any math so no NaN reaches the backward pass.
+        safe_logits = torch.where(finite_T[:, None], logits_TE, torch.zeros_like(logits_TE))
+        safe_scores = None if scores_TE is None else torch.where(finite_T[:, None], scores_TE,
+                                                                  torch.zeros_like(scores_TE))
+        total = safe_logits.new_zeros((), dtype=torch.float32)
+        counted = (weight_T.sum() > 0).to(torch.float64)
+        if cfg.uses_aux:
+            probs_TE = scores_to_probs(safe_logits, cfg.score_func, safe_scores)
+            counts_E = torch.zeros(self.num_experts, dtype=torch.float32, device=weight_T.device)
+            counts_E.index_add_(0, idx_TK.reshape(-1).long(),
+                                weight_T[:, None].expand(-1, idx_TK.shape[1]).reshape(-1))
+            batch = RoutingBatch(safe_logits, probs_TE, weight_T, counts_E, idx_TK, self.top_k,
+                                 seq_len, self.global_f_LE[layer])
+            aux = aux_loss(cfg.aux_loss, batch)
+            self.aux_sum_L[layer] += aux.detach().double() * counted
+            total = total + self.aux_coef * aux
+        if cfg.z_loss_coef > 0:
+            z = z_loss(safe_logits, weight_T)
+            self.z_sum_L[layer] += z.detach().double() * counted
+            total = total + cfg.z_loss_coef * z
+        self.loss_batches_L[layer] += counted
+        return total
+
+    def loss(self) -> torch.Tensor:
+        """Sum of the weighted balance losses observed since the last call (0 if none)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return self.bias_LE.new_zeros(())
+        return torch.stack([p.reshape(()) for p in pending]).sum()
+
+    # --------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, update_bias: bool = True) -> None:
+        """Close the step window: one all-reduce, then bias / global-f / adaptive-weight updates.
+
+        Call once per *applied* optimizer step (skip it when the optimizer skipped the step).
+        ``update_bias=False`` only measures (evaluation): the window is reduced and reset.
+        """
+        window = self._reduce_window()
+        self._reset_window()
+        self._pending = []
+        self.last_window = window
+        skipped = float(window["skipped_tokens_L"].sum())
+        if skipped:
+            message = (f"moe_balance: {int(skipped)} routed tokens had non-finite router logits this step "
+                       "and were excluded from counts and losses")
+            if self.config.nan_policy == "raise":
+                raise FloatingPointError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if not update_bias:
+            return
+        counts_LE = window["counts_LE"]
+        self._has_ema = self._bias.update(counts_LE, self.num_steps, self._has_ema)
+        totals_L1 = counts_LE.sum(-1, keepdim=True)
+        f_LE = counts_LE * (self.num_experts / totals_L1.clamp_min(1.0))
+        self.global_f_LE.copy_(torch.where(totals_L1 > 0, f_LE, self.global_f_LE.double()).float())
+        active = window["tokens_L"] > 0
+        if bool(active.any()):
+            mean_maxvio = float(stats.maxvio(counts_LE)[active].mean())
+            self.aux_coef.fill_(self._adaptive.update(mean_maxvio))
+        self.num_steps += 1
+
+    def _reduce_window(self) -> dict[str, torch.Tensor]:
+        parts = [getattr(self, name) for name, _ in _WINDOW_FIELDS]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        reduced = self.reducer.all_reduce_sum(flat)
+        window, offset = {}, 0
+        for (name, _), part in zip(_WINDOW_FIELDS, parts):
+            window[name] = reduced[offset:offset + part.numel()].reshape(part.shape).clone()
+            offset += part.numel()
+        return window
+
+    def _reset_window(self) -> None:
+        for name, _ in _WINDOW_FIELDS:
+            getattr(self, name).zero_()
+
+    def reset_window(self) -> None:
+        """Drop what was observed since the last step (e.g. after an aborted micro-batch)."""
+        self._reset_window()
+        self._pending = []
+
+    @contextmanager
+    def measuring(self) -> Iterator["Balancer"]:
+        """Measure balance (e.g. on an eval set) without touching the bias or the train window.
+
+        Example:
+            >>> import torch, moe_balance as mb
+            >>> bal = mb.Balancer(num_layers=1, num_experts=4, top_k=1)
+            >>> with bal.measuring():
+            ...     _ = bal.observe(0, torch.randn(8, 4), torch.zeros(8, 1, dtype=torch.long))
+            >>> bal.last_window["counts_LE"].tolist()
+            [[8.0, 0.0, 0.0, 0.0]]
+        """
+        saved = {name: getattr(self, name).clone() for name, _ in _WINDOW_FIELDS}
+        saved_pending = self._pending
+        self._reset_window()
+        self._pending = []
+        try:
+            yield self
+            self.step(update_bias=False)
+        finally:
+            for name, value in saved.items():
+                getattr(self, name).copy_(value)
+            self._pending = saved_pending
+
+    # ------------------------------------------------------------------ metrics
+    def current_window(self) -> dict[str, torch.Tensor]:
+        """This rank's window so far (not reduced)."""
+        return {name: getattr(self, name).clone() for name, _ in _WINDOW_FIELDS}
+
+    def metrics(self, per_layer: bool | None = None) -> dict[str, float]:
+        """Balance metrics of the last completed window (or the open one before any step).
+
+        Keys: ``maxvio_global`` (window), ``maxvio_batch`` (mean over micro-batches), ``cv``,
+        ``load_entropy``, ``dead_experts``, ``min_max_ratio``, ``dropped@<cf>``, ``bias_abs_mean``,
+        ``bias_abs_max``, ``aux_loss``, ``z_loss``, ``aux_coef``, ``tokens``, ``skipped_tokens``;
+        with ``per_layer`` also ``layer<i>/<name>``.
+        """
+        window = self.last_window if self.last_window is not None else self.current_window()
+        per_layer = self.config.log_per_layer if per_layer is None else per_layer
+        active_L = window["tokens_L"] > 0
+        summary = stats.summarize(window["counts_LE"])
+        batches_L = window["batches_L"].clamp_min(1.0)
+        summary["maxvio_batch"] = window["batch_maxvio_sum_L"] / batches_L
+        for c, cf in enumerate(self.config.capacity_factors):
+            summary[f"dropped@{cf:g}"] = window["dropped_sum_LC"][:, c] / batches_L
+        loss_batches_L = window["loss_batches_L"].clamp_min(1.0)
+        out: dict[str, float] = {}
+
+        def layer_mean(values_L: torch.Tensor) -> float:
+            return float(values_L[active_L].mean()) if bool(active_L.any()) else 0.0
+
+        for name, values_L in summary.items():
+            key = "maxvio_global" if name == "maxvio" else name
+            out[key] = layer_mean(values_L)
+            if per_layer:
+                for layer in range(self.num_layers):
+                    out[f"layer{layer}/{key}"] = float(values_L[layer])
+        out["dead_experts"] = float(summary["dead_experts"][active_L].sum()) if bool(active_L.any()) else 0.0
+        bias_abs = self.bias_LE.abs()
+        out["bias_abs_mean"] = float(bias_abs.mean())
+        out["bias_abs_max"] = float(bias_abs.max())
+        out["aux_loss"] = float((window["aux_sum_L"] / loss_batches_L).sum())
+        out["z_loss"] = float((window["z_sum_L"] / loss_batches_L).sum())
+        out["aux_coef"] = float(self.aux_coef)
+        out["tokens"] = float(window["tokens_L"].max())
+        out["skipped_tokens"] = float(window["skipped_tokens_L"].sum())
+        return dict(sorted(out.items()))
+
+    def load_matrix(self) -> torch.Tensor:
+        """The ``[L, E]`` expert counts of the last completed window (or the open one)."""
+        window = self.last_window if self.last_window is not None else self.current_window()
+        return window["counts_LE"].clone()
+
+    def export_loads(self, path: str | Path) -> Path:
+        """Write the load matrix as ``.npy`` (NumPy needed) or JSON (any other suffix)."""
+        path = Path(path)
+        loads = self.load_matrix()
+        if path.suffix == ".npy":
+            import numpy as np
+            np.save(path, loads.numpy())
+        else:
+            path.write_text(json.dumps({"step": self.num_steps, "counts_LE": loads.tolist()}))
+        return path
+
+    # -------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "has_ema": self._has_ema, "adaptive_coef": self._adaptive.coef,
+                "config": self.config.to_dict(), "shape": [self.num_layers, self.num_experts, self.top_k]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        shape = list(state.get("shape", []))
+        if shape != [self.num_layers, self.num_experts, self.top_k]:
+            raise ValueError(f"Balancer state is for [layers, experts, top_k]={shape}, this balancer is "
+                             f"{[self.num_layers, self.num_experts, self.top_k]}")
+        self.num_steps = int(state["num_steps"])
+        self._has_ema = bool(state["has_ema"])
+        self._adaptive.coef = float(state["adaptive_coef"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Restore a state saved by ``state_dict``; refuses a state of another ``[L, E]``."""
+        extra = state_dict.get("_extra_state")
+        if extra is not None:
+            self.set_extra_state(extra)  # shape check first, with a clear message
+        for name, buf in self.named_buffers():
+            if name in state_dict and tuple(state_dict[name].shape) != tuple(buf.shape):
+                raise ValueError(f"Balancer state {name!r} has shape {tuple(state_dict[name].shape)}, "
+                                 f"expected {tuple(buf.shape)}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save(self, path: str | Path) -> Path:
+        """Save the state (``torch.save``) to ``path``."""
+        path = Path(path)
+        torch.save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | Path) -> "Balancer":
+        self.load_state_dict(torch.load(path, map_location=self.bias_LE.device, weights_only=False))
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"bias_update={c.bias_update!r}, aux_loss={c.aux_loss!r}, z_loss_coef={c.z_loss_coef}")

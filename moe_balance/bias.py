@@ -1,0 +1,100 @@
+"""Loss-free balancing: the per-expert selection bias and its update rules.
+
+The bias only changes *which* experts are chosen (``argtop_k(s + b)``); gate weights still come
+from the unbiased scores. After each optimizer step, with ``load_i`` the tokens expert i received
+over the whole step (all micro-batches, all ranks) and the relative error
+``e_i = (mean_load - load_i) / mean_load``:
+
+* ``sign``:          ``b_i += u * sign(e_i)``              (Wang et al. 2024, Algorithm 1)
+* ``sign_centered``: the sign update minus its mean, so ``sum(b)`` stays put
+* ``proportional``:  ``b_i += u * e_i``                    (relative error: u means the same at any batch size)
+* ``normalized``:    ``b += u * e / RMS(e)``              (update size independent of the load scale)
+
+The bias lives in the space the router takes its top-k in: probabilities for most softmax
+routers, sigmoid scores for the DeepSeek-V3 family. A rate of 1e-3 is small on probabilities
+of 8-64 experts; on raw logits it is smaller still.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import BalanceConfig
+
+
+def scheduled_rate(cfg: BalanceConfig, step: int) -> float:
+    """Update rate at optimizer step ``step`` (0-based), after warm-up and schedule."""
+    if cfg.bias_freeze or step < cfg.bias_warmup_steps:
+        return 0.0
+    u = cfg.bias_update_rate
+    if cfg.bias_schedule == "constant":
+        return u
+    horizon = cfg.bias_schedule_steps
+    if step >= horizon:
+        return 0.0
+    if cfg.bias_schedule == "step":
+        return u
+    progress = step / horizon
+    if cfg.bias_schedule == "linear":
+        return u * (1.0 - progress)
+    return u * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def load_error(load_LE: torch.Tensor) -> torch.Tensor:
+    """Relative error ``(mean - load) / mean`` per layer; zero for layers with no load."""
+    mean_L1 = load_LE.mean(-1, keepdim=True)
+    return (mean_L1 - load_LE) / mean_L1.clamp_min(1e-12)
+
+
+def bias_delta(rule: str, error_LE: torch.Tensor, rate: float) -> torch.Tensor:
+    """The update ``delta_LE`` of one rule for a relative load error ``error_LE``."""
+    if rule == "sign":
+        return rate * torch.sign(error_LE)
+    if rule == "sign_centered":
+        step_LE = torch.sign(error_LE)
+        return rate * (step_LE - step_LE.mean(-1, keepdim=True))
+    if rule == "proportional":
+        return rate * error_LE
+    if rule == "normalized":
+        rms_L1 = error_LE.pow(2).mean(-1, keepdim=True).sqrt()
+        return rate * error_LE / rms_L1.clamp_min(1e-12)
+    if rule == "none":
+        return torch.zeros_like(error_LE)
+    raise ValueError(f"unknown bias_update {rule!r}")
+
+
+class BiasController:
+    """Owns the fp32 bias ``[L, E]`` and the EMA of load fractions; no autograd involved."""
+
+    def __init__(self, cfg: BalanceConfig, bias_LE: torch.Tensor, ema_LE: torch.Tensor) -> None:
+        self.cfg = cfg
+        self.bias_LE = bias_LE  # shared buffers owned by the Balancer module
+        self.ema_LE = ema_LE
+
+    @torch.no_grad()
+    def update(self, counts_LE: torch.Tensor, step: int, has_ema: bool) -> bool:
+        """Apply one update from the step's counts. Returns whether the EMA is now initialised."""
+        cfg = self.cfg
+        fractions_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0)
+        active_L1 = counts_LE.sum(-1, keepdim=True) > 0  # layers that saw no token stay as they are
+        if cfg.bias_ema > 0:
+            if has_ema:
+                blended = cfg.bias_ema * self.ema_LE + (1 - cfg.bias_ema) * fractions_LE
+            else:
+                blended = fractions_LE
+            self.ema_LE.copy_(torch.where(active_L1, blended, self.ema_LE))
+            load_LE = self.ema_LE
+            has_ema = has_ema or bool(active_L1.any())
+        else:
+            load_LE = fractions_LE
+        rate = scheduled_rate(cfg, step)
+        if rate == 0.0 or cfg.bias_update == "none":
+            return has_ema
+        delta_LE = bias_delta(cfg.bias_update, load_error(load_LE.double()), rate)
+        new_bias = self.bias_LE.double() + torch.where(active_L1, delta_LE, torch.zeros_like(delta_LE))
+        if cfg.bias_clamp is not None:
+            new_bias = new_bias.clamp(-cfg.bias_clamp, cfg.bias_clamp)
+        self.bias_LE.copy_(new_bias.to(self.bias_LE.dtype))
+        return has_ema

@@ -1,0 +1,203 @@
+"""`BalanceConfig`: every knob of the balancer, validated at construction.
+
+The same keys are used by ``BalanceConfig.from_dict`` and by the ``"moe_balance"`` entry of a
+DeepSpeed config, so one JSON object configures every integration.
+
+Defaults and their sources:
+
+* ``bias_update="sign"``, ``bias_update_rate=1e-3``: Loss-Free Balancing (Wang et al. 2024,
+  arXiv 2408.15664) found u = 1e-3 best; 1e-4 is slow, 1e-2 oscillates.
+* ``aux_loss="none"``: the loss-free bias is the default force; turn an auxiliary loss on
+  explicitly. Typical weights: Switch 1e-2, DeepSeek-V3 sequence-wise 1e-4.
+* ``z_loss_coef=0``: ST-MoE (Zoph et al. 2022) uses 1e-3 when enabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+AUX_LOSSES = ("none", "switch", "seq", "global_batch", "importance_cv", "load_cv",
+              "kl_uniform", "entropy")
+BIAS_UPDATES = ("none", "sign", "sign_centered", "proportional", "normalized")
+BIAS_SCHEDULES = ("constant", "step", "linear", "cosine")
+SCORE_FUNCS = ("softmax", "sigmoid")
+NAN_POLICIES = ("skip", "raise")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"BalanceConfig.{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ValueError(f"BalanceConfig.{name}={value!r} must be {kind}")
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+        if value < low or (low_open and value == low):
+            raise ValueError(f"BalanceConfig.{name}={value!r} must be {kind} {' and '.join(bounds)}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+        if value > high or (high_open and value == high):
+            raise ValueError(f"BalanceConfig.{name}={value!r} must be {kind} {' and '.join(bounds)}")
+
+
+@dataclass
+class BalanceConfig:
+    """Configuration of a :class:`~moe_balance.Balancer`.
+
+    Example:
+        >>> import moe_balance as mb
+        >>> cfg = mb.BalanceConfig(aux_loss="global_batch", aux_loss_coef=1e-3)
+        >>> mb.BalanceConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    # --- auxiliary loss (gradient-based balancing) ---
+    aux_loss: str = "none"
+    """One of ``AUX_LOSSES``. Coefficients apply per layer; layer losses are summed (Megatron)."""
+    aux_loss_coef: float = 1e-3
+    z_loss_coef: float = 0.0
+    """Router z-loss ``mean(logsumexp(logits)^2)`` weight (ST-MoE uses 1e-3)."""
+    score_func: str = "softmax"
+    """How router logits become scores when an adapter does not pass the router's own scores."""
+
+    # --- adaptive auxiliary-loss weight (controller on the measured MaxVio) ---
+    adaptive_aux: bool = False
+    adaptive_target_maxvio: float = 0.1
+    adaptive_rate: float = 0.1
+    """Multiplicative step: coef *= (1 + rate) above target, /= (1 + rate) below."""
+    adaptive_min_coef: float = 1e-5
+    adaptive_max_coef: float = 1e-1
+
+    # --- loss-free bias controller ---
+    bias_update: str = "sign"
+    bias_update_rate: float = 1e-3
+    bias_schedule: str = "constant"
+    """``constant``; ``step``: rate drops to 0 at ``bias_schedule_steps`` (DeepSeek-V3);
+    ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``."""
+    bias_schedule_steps: int = 0
+    bias_warmup_steps: int = 0
+    """Optimizer steps before the first bias update (loads are still measured)."""
+    bias_ema: float = 0.0
+    """EMA factor on per-step load fractions before the error is formed (0 = this step only)."""
+    bias_clamp: float | None = None
+    """Keep ``|b| <= bias_clamp``; None = unbounded."""
+    bias_freeze: bool = False
+
+    # --- metrics and robustness ---
+    capacity_factors: tuple[float, ...] = (1.0, 1.25)
+    """Capacity factors for the dropped-token metric (tokens over ``cf * T * k / E``)."""
+    nan_policy: str = "skip"
+    """``skip``: tokens with non-finite logits are excluded and counted in ``skipped_tokens``
+    (warned at ``step``); ``raise``: ``step`` raises. Neither syncs in ``observe``."""
+    log_per_layer: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity_factors, list):
+            self.capacity_factors = tuple(self.capacity_factors)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one."""
+        _choice("aux_loss", self.aux_loss, AUX_LOSSES)
+        _choice("bias_update", self.bias_update, BIAS_UPDATES)
+        _choice("bias_schedule", self.bias_schedule, BIAS_SCHEDULES)
+        _choice("score_func", self.score_func, SCORE_FUNCS)
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _number("aux_loss_coef", self.aux_loss_coef, low=0)
+        _number("z_loss_coef", self.z_loss_coef, low=0)
+        _number("adaptive_target_maxvio", self.adaptive_target_maxvio, low=0)
+        _number("adaptive_rate", self.adaptive_rate, low=0, low_open=True)
+        _number("adaptive_min_coef", self.adaptive_min_coef, low=0)
+        _number("adaptive_max_coef", self.adaptive_max_coef, low=0)
+        if self.adaptive_min_coef > self.adaptive_max_coef:
+            raise ValueError(
+                f"BalanceConfig.adaptive_min_coef={self.adaptive_min_coef!r} must be <= "
+                f"adaptive_max_coef={self.adaptive_max_coef!r}")
+        _number("bias_update_rate", self.bias_update_rate, low=0)
+        _number("bias_schedule_steps", self.bias_schedule_steps, low=0, integer=True)
+        if self.bias_schedule != "constant" and self.bias_schedule_steps == 0:
+            raise ValueError(
+                f"BalanceConfig.bias_schedule_steps=0 must be > 0 when bias_schedule="
+                f"{self.bias_schedule!r} (the step where the rate reaches 0)")
+        _number("bias_warmup_steps", self.bias_warmup_steps, low=0, integer=True)
+        _number("bias_ema", self.bias_ema, low=0, high=1, high_open=True)
+        if self.bias_clamp is not None:
+            _number("bias_clamp", self.bias_clamp, low=0, low_open=True)
+        for name in ("adaptive_aux", "bias_freeze", "log_per_layer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BalanceConfig.{name}={getattr(self, name)!r} must be true or false")
+        if not isinstance(self.capacity_factors, tuple) or not self.capacity_factors:
+            raise ValueError(
+                f"BalanceConfig.capacity_factors={self.capacity_factors!r} must be a non-empty list")
+        for cf in self.capacity_factors:
+            _number("capacity_factors", cf, low=0, low_open=True)
+        if self.adaptive_aux and self.aux_loss == "none":
+            raise ValueError("BalanceConfig.adaptive_aux=True needs an aux_loss other than 'none'; "
+                             f"choose one of {list(AUX_LOSSES[1:])}")
+
+    # --- serialisation ---
+    @property
+    def uses_bias(self) -> bool:
+        return self.bias_update != "none"
+
+    @property
+    def uses_aux(self) -> bool:
+        return self.aux_loss != "none"
+
+    @property
+    def uses_loss(self) -> bool:
+        return self.uses_aux or self.z_loss_coef > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["capacity_factors"] = list(self.capacity_factors)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BalanceConfig":
+        """Build from a mapping; an unknown key raises with a "did you mean" suggestion."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"moe_balance config must be a mapping of field names, got {type(data).__name__}")
+        _check_keys(data)
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "BalanceConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_keys(data: Mapping[str, Any]) -> None:
+    known = [f.name for f in dataclasses.fields(BalanceConfig)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown moe_balance config key {key!r}{hint} Known keys: {known}")
+
+
+def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **overrides: Any) -> BalanceConfig:
+    """Accept a config, a dict or keyword fields (not several that disagree)."""
+    if config is None:
+        return BalanceConfig.from_dict(overrides)
+    base = config if isinstance(config, BalanceConfig) else BalanceConfig.from_dict(config)
+    if overrides:
+        _check_keys(overrides)
+        return base.replace(**overrides)
+    return base
+
+
+__all__ = ["BalanceConfig", "resolve_config", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SCHEDULES",
+           ]

@@ -1,0 +1,172 @@
+"""Balance losses as pure functions of one micro-batch of routing.
+
+Conventions (T tokens, E experts, K experts per token):
+
+* ``probs_TE``: the router's own scores normalised over all experts (softmax probabilities, or
+  sigmoid affinities divided by their sum, as DeepSeek-V3's balance loss does);
+* ``weight_T``: 1 for real tokens, 0 for padding or tokens skipped for non-finite logits;
+  every loss is exactly independent of tokens with weight 0;
+* ``counts_E``: how many of the valid tokens chose each expert (the real selection, after bias).
+
+Every loss is scaled so that perfectly balanced routing gives its minimum: 1 for the ``f * P``
+family (``N * sum_i f_i P_i``), 0 for the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class RoutingBatch:
+    """What the losses may read about one micro-batch of one layer."""
+
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    weight_T: torch.Tensor
+    counts_E: torch.Tensor
+    topk_idx_TK: torch.Tensor
+    top_k: int
+    seq_len: int | None = None
+    global_f_E: torch.Tensor | None = None
+    """Load fractions scaled to mean 1 over the whole global batch (for ``global_batch``)."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+    @property
+    def n_tokens(self) -> torch.Tensor:
+        return self.weight_T.sum().clamp_min(1.0)
+
+
+def mean_probs(probs_TE: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
+    """P_i: mean score of each expert over the valid tokens."""
+    return (weight_T[:, None] * probs_TE).sum(0) / weight_T.sum().clamp_min(1.0)
+
+
+def load_fraction(counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """f_i scaled so balanced routing gives 1: ``N * count_i / (K * T)``."""
+    total = counts_E.sum().clamp_min(1.0)
+    return counts_E * (counts_E.shape[-1] / total)
+
+
+def switch_loss(b: RoutingBatch) -> torch.Tensor:
+    """Switch/GShard ``N * sum_i f_i P_i`` with top-k aware f (Fedus et al. 2021)."""
+    f_E = load_fraction(b.counts_E, b.top_k).to(b.probs_TE.dtype)
+    return (f_E * mean_probs(b.probs_TE, b.weight_T)).sum()
+
+
+def global_batch_loss(b: RoutingBatch) -> torch.Tensor:
+    """``N * sum_i f_i P_i`` with f from the whole global batch (Qiu et al. 2025, arXiv 2501.11873).
+
+    ``global_f_E`` is constant here; gradients flow through this micro-batch's P only.
+    """
+    if b.global_f_E is None:
+        raise ValueError("global_batch loss needs global_f_E")
+    return (b.global_f_E.to(b.probs_TE.dtype) * mean_probs(b.probs_TE, b.weight_T)).sum()
+
+
+def sequence_loss(b: RoutingBatch) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise loss: the ``f * P`` product per sequence, averaged over sequences."""
+    if b.seq_len is None:
+        return switch_loss(b)
+    num_experts = b.num_experts
+    probs_BSE = b.probs_TE.reshape(-1, b.seq_len, num_experts)
+    weight_BS = b.weight_T.reshape(-1, b.seq_len)
+    n_seq_tokens_B = weight_BS.sum(1)
+    p_BE = (weight_BS[..., None] * probs_BSE).sum(1) / n_seq_tokens_B.clamp_min(1.0)[:, None]
+    counts_BE = sequence_counts(b.topk_idx_TK, b.weight_T, b.seq_len, num_experts)
+    f_BE = counts_BE * (num_experts / counts_BE.sum(1, keepdim=True).clamp_min(1.0))
+    per_seq_B = (f_BE.to(p_BE.dtype) * p_BE).sum(1)
+    has_tokens_B = (n_seq_tokens_B > 0).to(per_seq_B.dtype)
+    return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
+
+
+def sequence_counts(topk_idx_TK: torch.Tensor, weight_T: torch.Tensor, seq_len: int,
+                    num_experts: int) -> torch.Tensor:
+    """Per-sequence expert counts ``[B, E]`` by scatter_add (compile friendly)."""
+    idx_BSK = topk_idx_TK.reshape(-1, seq_len, topk_idx_TK.shape[-1])
+    w_BSK = weight_T.reshape(-1, seq_len, 1).expand_as(idx_BSK).to(torch.float32)
+    counts_BE = torch.zeros(idx_BSK.shape[0], num_experts, dtype=torch.float32, device=weight_T.device)
+    return counts_BE.scatter_add_(1, idx_BSK.reshape(idx_BSK.shape[0], -1).long(),
+                                  w_BSK.reshape(idx_BSK.shape[0], -1))
+
+
+def _cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    mean = x_E.mean()
+    return x_E.var(unbiased=False) / (mean * mean).clamp_min(1e-20)
+
+
+def importance_cv_loss(b: RoutingBatch) -> torch.Tensor:
+    """Shazeer et al. 2017: squared coefficient of variation of expert importance."""
+    return _cv_squared((b.weight_T[:, None] * b.probs_TE).sum(0))
+
+
+def soft_load(b: RoutingBatch) -> torch.Tensor:
+    """Differentiable load: the score mass each expert receives from the tokens that chose it."""
+    picked_TK = b.probs_TE.gather(-1, b.topk_idx_TK.long()) * b.weight_T[:, None]
+    load_E = torch.zeros(b.num_experts, dtype=picked_TK.dtype, device=picked_TK.device)
+    return load_E.index_add(0, b.topk_idx_TK.reshape(-1).long(), picked_TK.reshape(-1))
+
+
+def load_cv_loss(b: RoutingBatch) -> torch.Tensor:
+    """Squared CV of the (differentiable) soft load, the load half of Shazeer et al. 2017."""
+    return _cv_squared(soft_load(b))
+
+
+def kl_uniform_loss(b: RoutingBatch) -> torch.Tensor:
+    """KL(importance || uniform) = log N - H(P); 0 when the mean scores are uniform."""
+    p_E = mean_probs(b.probs_TE, b.weight_T)
+    return (p_E * torch.log((p_E * b.num_experts).clamp_min(1e-20))).sum()
+
+
+def entropy_loss(b: RoutingBatch) -> torch.Tensor:
+    """1 - H(load)/log N on the normalised soft load of the chosen experts; 0 when balanced."""
+    load_E = soft_load(b)
+    q_E = load_E / load_E.sum().clamp_min(1e-20)
+    entropy = -(q_E * torch.log(q_E.clamp_min(1e-20))).sum()
+    return 1.0 - entropy / math.log(b.num_experts)
+
+
+def z_loss(logits_TE: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over valid tokens."""
+    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (weight_T * lse_T * lse_T).sum() / weight_T.sum().clamp_min(1.0)
+
+
+AUX_LOSS_FNS: dict[str, Callable[[RoutingBatch], torch.Tensor]] = {
+    "switch": switch_loss,
+    "seq": sequence_loss,
+    "global_batch": global_batch_loss,
+    "importance_cv": importance_cv_loss,
+    "load_cv": load_cv_loss,
+    "kl_uniform": kl_uniform_loss,
+    "entropy": entropy_loss,
+}
+
+
+def aux_loss(name: str, batch: RoutingBatch) -> torch.Tensor:
+    """Compute the auxiliary loss called ``name`` (see ``AUX_LOSS_FNS``)."""
+    try:
+        fn = AUX_LOSS_FNS[name]
+    except KeyError:
+        raise ValueError(f"unknown aux_loss {name!r}; choose one of {sorted(AUX_LOSS_FNS)}") from None
+    return fn(batch)
+
+
+def scores_to_probs(logits_TE: torch.Tensor, score_func: str,
+                    scores_TE: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores normalised over all experts, in fp32, from the router's own scores when given."""
+    if scores_TE is None:
+        if score_func == "softmax":
+            return torch.softmax(logits_TE.float(), dim=-1)
+        scores_TE = torch.sigmoid(logits_TE.float())
+    scores_TE = scores_TE.float()
+    if score_func == "softmax":
+        return scores_TE
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)

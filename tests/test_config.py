@@ -1,0 +1,81 @@
+"""Config validation: every bad value names its field; unknown keys get a suggestion."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import moe_balance as mb
+
+BAD_VALUES = {
+    "aux_loss": ["swtich", 3],
+    "aux_loss_coef": [-1.0, float("nan"), "0.1"],
+    "z_loss_coef": [-1e-3, float("inf")],
+    "score_func": ["relu"],
+    "adaptive_aux": ["yes"],
+    "adaptive_target_maxvio": [-0.1],
+    "adaptive_rate": [0.0, -1.0],
+    "adaptive_min_coef": [-1.0],
+    "adaptive_max_coef": [-1.0],
+    "bias_update": ["sgn", None],
+    "bias_update_rate": [-1e-3, float("nan")],
+    "bias_schedule": ["exp"],
+    "bias_schedule_steps": [-1, 1.5],
+    "bias_warmup_steps": [-1, 2.0],
+    "bias_ema": [1.0, -0.1],
+    "bias_clamp": [0.0, -1.0],
+    "bias_freeze": [1],
+    "capacity_factors": [(), (0.0,), (-1.0,)],
+    "nan_policy": ["ignore"],
+    "log_per_layer": ["no"],
+}
+
+
+def test_every_field_has_a_bad_value_case():
+    assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(mb.BalanceConfig)}
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f, vs in BAD_VALUES.items() for v in vs])
+def test_bad_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        mb.BalanceConfig(**{field: value})
+
+
+def test_choice_error_lists_allowed_values():
+    with pytest.raises(ValueError, match="'switch'.*'global_batch'"):
+        mb.BalanceConfig(aux_loss="nope")
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'bias_update_rate'"):
+        mb.BalanceConfig.from_dict({"bias_update_rat": 1e-3})
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValueError, match="bias_schedule_steps"):
+        mb.BalanceConfig(bias_schedule="step")
+    with pytest.raises(ValueError, match="adaptive_min_coef"):
+        mb.BalanceConfig(aux_loss="switch", adaptive_min_coef=1.0, adaptive_max_coef=0.1)
+    with pytest.raises(ValueError, match="adaptive_aux"):
+        mb.BalanceConfig(adaptive_aux=True)
+
+
+def test_json_round_trip():
+    cfg = mb.BalanceConfig(aux_loss="seq", aux_loss_coef=1e-4, bias_schedule="step", bias_schedule_steps=100,
+                           capacity_factors=(1.0, 2.0))
+    again = mb.BalanceConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = mb.BalanceConfig()
+    assert (cfg.bias_update, cfg.bias_update_rate, cfg.aux_loss, cfg.z_loss_coef) == ("sign", 1e-3, "none", 0.0)
+
+
+def test_resolve_config_merges_keywords_and_checks_keys():
+    cfg = mb.resolve_config(mb.BalanceConfig(aux_loss="switch"), z_loss_coef=1e-3)
+    assert (cfg.aux_loss, cfg.z_loss_coef) == ("switch", 1e-3)
+    with pytest.raises(ValueError, match="did you mean 'z_loss_coef'"):
+        mb.resolve_config(None, zloss_coef=1e-3)

@@ -1,0 +1,47 @@
+"""Two real processes (torchrun, gloo) equal one process on the concatenated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_balance as mb
+from moe_balance.testing import SkewedRouter
+
+from .conftest import run_torchrun
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).parent / "dist" / "core_two_ranks.py"
+
+
+def single_process_reference():
+    E, K, T = 8, 2, 512
+    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3)
+    routers = [SkewedRouter(num_tokens=T, num_experts=E, top_k=K, seed=layer) for layer in range(2)]
+    grads = []
+    for _ in range(6):
+        for layer, router in enumerate(routers):
+            logits, idx = router.route(bal.bias_LE[layer])
+            logits.requires_grad_(True)
+            bal.observe(layer, logits, idx)
+            bal.loss().backward()
+            grads.append(logits.grad)
+        bal.step()
+    return bal, grads
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    run_torchrun(SCRIPT, str(tmp_path), nproc=2, timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ref, ref_grads = single_process_reference()
+    assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
+    torch.testing.assert_close(ranks[0]["bias"], ref.bias_LE, rtol=0, atol=1e-7)
+    assert ranks[0]["bias"].abs().max() > 0
+    # one all-reduce per step for all layers together
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 6
+    # DDP averages gradients over ranks: mean of the halves equals the full-batch gradient
+    for g0, g1, g_ref in zip(ranks[0]["grads"], ranks[1]["grads"], ref_grads):
+        torch.testing.assert_close(torch.cat([g0, g1]) / 2, g_ref, rtol=1e-4, atol=1e-8)
+    assert ranks[0]["metrics"]["maxvio_global"] == pytest.approx(ref.metrics()["maxvio_global"])
