@@ -94,6 +94,8 @@ class Balancer(nn.Module):
         self.reducer = StepReducer(process_group)
         self._pending: list[torch.Tensor] = []
         self.last_window: dict[str, torch.Tensor] | None = None
+        # Called after each bias update and state load (adapters copy the bias into native buffers).
+        self.step_callbacks: list[Any] = []
 
     def _window_shape(self, width: Any) -> tuple[int, ...]:
         if width is None:
@@ -105,7 +107,7 @@ class Balancer(nn.Module):
     # ------------------------------------------------------------------ observe
     def observe(self, layer: int, router_logits: torch.Tensor, topk_idx: torch.Tensor,
                 mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
-                seq_len: int | None = None, collect: bool = True) -> torch.Tensor:
+                seq_len: int | None = None, collect: bool = True, record: bool = True) -> torch.Tensor:
         """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
 
         Args:
@@ -116,6 +118,8 @@ class Balancer(nn.Module):
             scores: the router's own scores (e.g. sigmoid affinities) if not ``score_func(logits)``.
             seq_len: tokens per sequence when ``T = B * S`` (needed by the ``seq`` loss).
             collect: also keep the loss for ``loss()``; adapters that attach it themselves pass False.
+            record: add to the step window; False only computes the loss (e.g. a gradient-checkpoint
+                recomputation, whose tokens were already counted in the first forward).
         """
         logits_TE, idx_TK, mask_T, scores_TE, seq_len = self._check(layer, router_logits, topk_idx,
                                                                    mask, scores, seq_len)
@@ -124,10 +128,11 @@ class Balancer(nn.Module):
             finite_T = finite_T & torch.isfinite(scores_TE).all(-1)
         valid_T = finite_T if mask_T is None else finite_T & mask_T.bool()
         weight_T = valid_T.to(torch.float64)
-        self._count(layer, idx_TK, weight_T, mask_T, finite_T)
-        if not self.config.uses_loss:
+        if record:
+            self._count(layer, idx_TK, weight_T, mask_T, finite_T)
+        if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
-        total = self._losses(layer, logits_TE, idx_TK, weight_T.float(), finite_T, scores_TE, seq_len)
+        total = self._losses(layer, logits_TE, idx_TK, weight_T.float(), finite_T, scores_TE, seq_len, record)
         if collect:
             self._pending.append(total)
         return total
@@ -185,14 +190,15 @@ class Balancer(nn.Module):
         self.skipped_tokens_L[layer] += (real_T & ~finite_T).sum().to(torch.float64)
 
     def _losses(self, layer: int, logits_TE: torch.Tensor, idx_TK: torch.Tensor, weight_T: torch.Tensor,
-                finite_T: torch.Tensor, scores_TE: torch.Tensor | None, seq_len: int | None) -> torch.Tensor:
+                finite_T: torch.Tensor, scores_TE: torch.Tensor | None, seq_len: int | None,
+                record: bool) -> torch.Tensor:
         cfg = self.config
         # Zero out non-finite rows *before* any math so no NaN reaches the backward pass.
         safe_logits = torch.where(finite_T[:, None], logits_TE, torch.zeros_like(logits_TE))
         safe_scores = None if scores_TE is None else torch.where(finite_T[:, None], scores_TE,
                                                                   torch.zeros_like(scores_TE))
         total = safe_logits.new_zeros((), dtype=torch.float32)
-        counted = (weight_T.sum() > 0).to(torch.float64)
+        counted = (weight_T.sum() > 0).to(torch.float64) * float(record)
         if cfg.uses_aux:
             probs_TE = scores_to_probs(safe_logits, cfg.score_func, safe_scores)
             counts_E = torch.zeros(self.num_experts, dtype=torch.float32, device=weight_T.device)
@@ -225,6 +231,10 @@ class Balancer(nn.Module):
         Call once per *applied* optimizer step (skip it when the optimizer skipped the step).
         ``update_bias=False`` only measures (evaluation): the window is reduced and reset.
         """
+        if self._pending:
+            warnings.warn(f"moe_balance: {len(self._pending)} balance losses were computed but never taken with "
+                          "loss(); add balancer.loss() to your loss or patch with attach_loss=True",
+                          RuntimeWarning, stacklevel=2)
         window = self._reduce_window()
         self._reset_window()
         self._pending = []
@@ -248,6 +258,8 @@ class Balancer(nn.Module):
             mean_maxvio = float(stats.maxvio(counts_LE)[active].mean())
             self.aux_coef.fill_(self._adaptive.update(mean_maxvio))
         self.num_steps += 1
+        for callback in self.step_callbacks:
+            callback(self)
 
     def _reduce_window(self) -> dict[str, torch.Tensor]:
         parts = [getattr(self, name) for name, _ in _WINDOW_FIELDS]
@@ -375,7 +387,10 @@ class Balancer(nn.Module):
             if name in state_dict and tuple(state_dict[name].shape) != tuple(buf.shape):
                 raise ValueError(f"Balancer state {name!r} has shape {tuple(state_dict[name].shape)}, "
                                  f"expected {tuple(buf.shape)}")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for callback in self.step_callbacks:
+            callback(self)
+        return result
 
     def save(self, path: str | Path) -> Path:
         """Save the state (``torch.save``) to ``path``."""

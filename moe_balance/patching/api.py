@@ -1,0 +1,219 @@
+"""`patch` / `unpatch` / `find_routers`: put a Balancer behind the routers of an existing model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..balancer import Balancer
+from ..config import BalanceConfig, resolve_config
+from . import registry
+from .strategies import STRATEGIES, AttentionMaskHook, NativeBiasSync, PatchState, RouterSite
+
+_ATTR = "_moe_balance"
+_CLASS_CACHE: dict[tuple[str, type], type] = {}
+
+
+def _balanced_class(strategy: str, cls: type) -> type:
+    """One subclass per (strategy, router class), reused so patching twice changes nothing."""
+    key = (strategy, cls)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"Balanced{cls.__name__}", (STRATEGIES[strategy], cls),
+                                 {"__module__": cls.__module__, "_mb_original_class": cls})
+    return _CLASS_CACHE[key]
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def find_routers(model: nn.Module) -> list[dict[str, Any]]:
+    """Every router-like module: name, class, experts, top-k, scoring and the strategy that applies."""
+    config = getattr(model, "config", None)
+    found = []
+    for name, module in model.named_modules():
+        cls = getattr(type(module), "_mb_original_class", type(module))
+        if not registry.is_router_candidate(module):
+            continue
+        strategy, score_func = registry.detect(module)
+        experts, top_k = registry.router_shape(module, config)
+        found.append({"name": name, "class": cls.__name__, "num_experts": experts, "top_k": top_k,
+                      "score_func": score_func, "strategy": strategy})
+    return found
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no router moe_balance knows how to patch."""
+
+
+def _unsupported(model: nn.Module, found: list[dict[str, Any]]) -> UnsupportedModelError:
+    model_type = model_type_of(model)
+    reason = registry.UNSUPPORTED.get(model_type or "")
+    seen = ", ".join(f"{f['name']} ({f['class']})" for f in found) or "none"
+    lines = [f"moe_balance cannot patch {type(model).__name__} (model_type={model_type!r}).",
+             f"Reason: {reason}." if reason else
+             "Looked for modules whose class name ends in 'Router' or 'Gate' (or registered router classes) "
+             "that call torch.topk over their experts or own an e_score_correction_bias buffer.",
+             f"Router-like modules seen: {seen}.",
+             "To support it, register its router class:",
+             "    import moe_balance as mb",
+             "    mb.register_router(MyRouterClass, 'generic', num_experts='num_experts', top_k='top_k')",
+             f"Supported model types: {sorted(registry.MODEL_TYPES)}"]
+    return UnsupportedModelError("\n".join(lines))
+
+
+def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = None, *,
+          state: str | Path | Mapping[str, Any] | None = None, attach_loss: bool = False,
+          selftest: bool = True, process_group: object | None = None, **overrides: Any) -> Balancer:
+    """Patch every router of ``model`` and return the :class:`Balancer` behind them.
+
+    Args:
+        model: a transformers MoE model (or any module whose routers are registered).
+        config: a :class:`BalanceConfig` or dict; keyword ``overrides`` are merged in.
+        state: a saved balancer state (path or state dict) to continue from, e.g. beside a checkpoint.
+        attach_loss: add each layer's balance loss to the backward pass through the router output
+            (no change to the training loop). Otherwise take it with ``balancer.loss()``.
+        selftest: run one tiny forward to check that every patched router really runs the patch.
+
+    Example:
+        >>> import torch, moe_balance as mb
+        >>> from transformers import MixtralConfig, MixtralForCausalLM
+        >>> cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+        >>> model = MixtralForCausalLM(cfg)
+        >>> bal = mb.patch(model, bias_update="sign")
+        >>> _ = model(torch.randint(0, 64, (2, 8)))
+        >>> bal.step(); round(bal.metrics()["tokens"])
+        16
+        >>> mb.unpatch(model)
+    """
+    cfg = resolve_config(config, **overrides)
+    existing = getattr(model, _ATTR, None)
+    if existing is not None:
+        if existing.balancer.config != cfg:
+            raise ValueError("model is already patched with another config; call moe_balance.unpatch(model) first")
+        return existing.balancer
+    found = find_routers(model)
+    usable = [f for f in found if f["strategy"] is not None]
+    model_type = model_type_of(model)
+    if not usable or model_type in registry.UNSUPPORTED:
+        raise _unsupported(model, found)
+    shapes = {(f["num_experts"], f["top_k"]) for f in usable}
+    if len(shapes) != 1 or None in next(iter(shapes)):
+        raise UnsupportedModelError(f"moe_balance: routers of {type(model).__name__} disagree on or hide their "
+                                    f"(num_experts, top_k): {sorted(map(str, shapes))}; register them with "
+                                    "num_experts=/top_k= getters")
+    num_experts, top_k = shapes.pop()
+    balancer = Balancer(cfg, num_layers=len(usable), num_experts=num_experts, top_k=top_k,
+                        process_group=process_group)
+    params = list(model.parameters())
+    if params:
+        balancer.to(params[0].device)
+    patch_state = PatchState(balancer=balancer, attach_loss=attach_loss)
+    modules = dict(model.named_modules())
+    for layer, info in enumerate(usable):
+        module = modules[info["name"]]
+        site = RouterSite(info["name"], layer, module, type(module), info["strategy"], num_experts, top_k,
+                          info["score_func"], patch_state)
+        if site.strategy == "native_bias":
+            site.native_original = module.e_score_correction_bias.detach().clone()
+            balancer.bias_LE[layer].copy_(module.e_score_correction_bias.detach().float())
+        patch_state.sites.append(site)
+    native = [s for s in patch_state.sites if s.strategy == "native_bias"]
+    if native:
+        balancer.step_callbacks.append(NativeBiasSync(native))
+    for site in patch_state.sites:
+        site.module.__dict__["_mb_site"] = site
+        site.module.__class__ = _balanced_class(site.strategy, site.original_class)
+    handle = model.register_forward_pre_hook(AttentionMaskHook(patch_state), with_kwargs=True)
+    patch_state.hook_ids.append(handle.id)
+    model.__dict__[_ATTR] = patch_state
+    _disable_builtin_aux(model, cfg, patch_state)
+    if state is not None:
+        balancer.load_state_dict(torch.load(state, map_location="cpu", weights_only=False)
+                                 if isinstance(state, (str, Path)) else state)
+    if selftest:
+        try:
+            run_selftest(model)
+        except Exception:
+            unpatch(model)
+            raise
+    return balancer
+
+
+def _disable_builtin_aux(model: nn.Module, cfg: BalanceConfig, patch_state: PatchState) -> None:
+    """With a moe_balance aux loss, the model's own pooled one must not be added on top."""
+    config = getattr(model, "config", None)
+    patch_state.saved_output_router_logits = getattr(config, "output_router_logits", None)
+    if cfg.uses_aux and getattr(config, "output_router_logits", False):
+        warnings.warn("moe_balance: turning off the model's own router aux loss (config.output_router_logits=False) "
+                      f"because aux_loss={cfg.aux_loss!r} is balanced per layer by moe_balance", UserWarning,
+                      stacklevel=3)
+        config.output_router_logits = False
+
+
+def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    config = getattr(model, "config", None)
+    device = next(model.parameters()).device
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if not vocab:
+        raise RuntimeError("cannot build a self-test input (no vocab_size); pass selftest=False")
+    ids = torch.arange(8, device=device).reshape(2, 4) % vocab
+    inputs = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
+@torch.no_grad()
+def run_selftest(model: nn.Module) -> None:
+    """One tiny forward; every patched router must report through the patch, or raise."""
+    patch_state: PatchState = model.__dict__[_ATTR]
+    was_training = model.training
+    patch_state.selftest_hits = set()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            model(**_dummy_inputs(model))
+    finally:
+        hits, patch_state.selftest_hits = patch_state.selftest_hits, None
+        model.train(was_training)
+    missing = [s.name for s in patch_state.sites if s.layer not in hits]
+    if missing:
+        raise RuntimeError(f"moe_balance: patched routers did not run through the patch in a test forward: {missing}. "
+                           "A hub kernel, a compiled forward or a custom block may bypass the router module; "
+                           "disable kernels (use_kernels=False) or register the module that really routes.")
+
+
+def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
+    """Restore the model exactly as it was before :func:`patch` (a no-op if it is not patched).
+
+    ``keep_native_bias=True`` leaves the trained bias in native ``e_score_correction_bias`` buffers
+    (so ``save_pretrained`` afterwards ships it); by default they get their original values back.
+    """
+    patch_state: PatchState | None = model.__dict__.pop(_ATTR, None)
+    if patch_state is None:
+        return
+    for hook_id in patch_state.hook_ids:  # by id: a deepcopy's handles would point at the original's dicts
+        model._forward_pre_hooks.pop(hook_id, None)
+        model._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    for site in patch_state.sites:
+        site.module.__class__ = site.original_class
+        site.module.__dict__.pop("_mb_site", None)
+        if site.native_original is not None and not keep_native_bias:
+            with torch.no_grad():
+                site.module.e_score_correction_bias.copy_(site.native_original)
+    config = getattr(model, "config", None)
+    saved = patch_state.saved_output_router_logits
+    if config is not None and saved is not None:
+        config.output_router_logits = saved
+
+
+def patch_state_of(model: nn.Module) -> PatchState | None:
+    """The shared state of a patched model (None if not patched)."""
+    return model.__dict__.get(_ATTR)

@@ -1,0 +1,67 @@
+"""Selection interception: a TorchFunctionMode active only during one router's forward.
+
+It records the router's logits (the first E-wide ``linear`` output) and replaces the final
+``topk(x, k=top_k)`` over E experts by ``idx = topk(x + b).indices; values = x.gather(-1, idx)``:
+the bias changes which experts are chosen, never the values the router goes on to use. With
+``b = 0`` this is bit-identical to the original call (``x + 0 == x``; gather returns the same
+values and routes the same gradient as topk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_TOPK = {torch.topk, torch.Tensor.topk}
+_LINEAR = {F.linear, torch._C._nn.linear}
+_SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid}
+
+
+class SelectionInterceptor(TorchFunctionMode):
+    """Bias the top-k selection over ``num_experts`` and record what the router computed."""
+
+    def __init__(self, bias_E: torch.Tensor | None, num_experts: int, top_k: int,
+                 zero_is_masked: bool = False) -> None:
+        super().__init__()
+        self.bias_E, self.num_experts, self.top_k = bias_E, num_experts, top_k
+        self.zero_is_masked = zero_is_masked
+        self.logits: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+        self.topk_input: torch.Tensor | None = None
+        self.used_sigmoid = False
+        self.intercepted = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _TOPK:
+            return self._topk(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if func in _LINEAR and self.logits is None and isinstance(out, torch.Tensor) \
+                and out.shape[-1] == self.num_experts:
+            self.logits = out
+        elif func in _SIGMOID:
+            self.used_sigmoid = True
+        return out
+
+    def _topk(self, func, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        k = args[1] if len(args) > 1 else kwargs.get("k")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        if k != self.top_k or x.shape[-1] != self.num_experts or dim not in (-1, x.dim() - 1):
+            return func(*args, **kwargs)  # e.g. a group top-k: not the expert selection
+        rest = dict(kwargs)
+        rest.pop("input", None), rest.pop("k", None), rest.pop("dim", None)
+        for name, value in zip(("largest", "sorted"), args[3:]):
+            rest[name] = value
+        if self.bias_E is None:
+            choice = x
+        else:
+            choice = x + self.bias_E.to(x.dtype)
+            if self.zero_is_masked:  # group-limited routers zero the scores of excluded groups
+                choice = torch.where(x == 0, torch.full_like(x, float("-inf")), choice)
+        indices = torch.topk(choice.detach(), k, dim=-1, **rest).indices
+        values = x.gather(-1, indices)
+        self.indices, self.topk_input = indices, x
+        self.intercepted += 1
+        return torch.return_types.topk((values, indices))

@@ -1,0 +1,144 @@
+"""Which strategy patches which router: per-``model_type`` table plus user registrations."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+# model_type -> strategy, for the architectures checked by tests/test_patching.py (each is built
+# from a tiny config there and must match, bit for bit, its unpatched twin).
+MODEL_TYPES: dict[str, str] = {
+    "mixtral": "generic", "qwen2_moe": "generic", "qwen3_moe": "generic", "qwen3_next": "generic",
+    "olmoe": "generic", "flex_olmo": "generic", "granitemoe": "generic", "granitemoeshared": "generic",
+    "granitemoehybrid": "generic", "jamba": "generic", "gpt_oss": "generic", "llama4_text": "generic",
+    "minimax": "generic", "hunyuan_v1_moe": "generic", "ernie4_5_moe": "generic", "lfm2_moe": "generic",
+    "deepseek_v2": "group_limited",
+    "deepseek_v3": "native_bias", "glm4_moe": "native_bias", "minimax_m2": "native_bias",
+    "dots1": "native_bias", "longcat_flash": "native_bias",
+}
+
+# model_type -> why it is not patched (yet); patch() raises with this text.
+UNSUPPORTED: dict[str, str] = {
+    "phimoe": "PhiMoE routes with sparsemixer (masked sampling, no top-k call); register an adapter",
+    "dbrx": "DBRX's router returns logits only; experts are chosen in DbrxFFN.route_tokens_to_experts",
+    "switch_transformers": "Switch routes by argmax with capacity inside the router; no top-k call",
+    "nllb_moe": "NLLB-MoE routes by argmax/top-2 with capacity inside the router; no plain top-k call",
+}
+
+ROUTER_NAME = re.compile(r"(Router|Gate)$")
+
+
+@dataclass
+class RouterSpec:
+    """How to read and patch one router class."""
+
+    strategy: str
+    num_experts: Callable[[torch.nn.Module], int] | None = None
+    top_k: Callable[[torch.nn.Module], int] | None = None
+    score_func: str | None = None
+
+
+_REGISTERED: dict[type, RouterSpec] = {}
+
+
+def register_router(router_cls: type, strategy: str = "generic", *, num_experts: Callable | str | None = None,
+                    top_k: Callable | str | None = None, score_func: str | None = None) -> None:
+    """Teach moe_balance a router class of your own (or override how a known one is patched).
+
+    ``strategy`` is one of ``"generic"`` (the router calls ``topk`` over its experts),
+    ``"group_limited"`` or ``"native_bias"`` (it adds an ``e_score_correction_bias`` buffer).
+    ``num_experts``/``top_k`` are attribute names or callables of the router instance.
+
+    Example:
+        >>> import torch, moe_balance as mb
+        >>> class MyRouter(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         logits = super().forward(x)
+        ...         return logits, *torch.topk(logits.softmax(-1), 2)
+        >>> mb.register_router(MyRouter, "generic", num_experts="out_features", top_k=lambda m: 2)
+    """
+    from .strategies import STRATEGIES
+    if strategy not in STRATEGIES:
+        raise ValueError(f"register_router: strategy={strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if score_func not in (None, "softmax", "sigmoid"):
+        raise ValueError(f"register_router: score_func={score_func!r}; choose 'softmax' or 'sigmoid'")
+
+    def getter(spec):
+        if spec is None or callable(spec):
+            return spec
+        return lambda module: int(getattr(module, spec))
+    _REGISTERED[router_cls] = RouterSpec(strategy, getter(num_experts), getter(top_k), score_func)
+
+
+def supported_architectures() -> dict[str, str]:
+    """``{model_type: strategy}`` for every architecture moe_balance patches and tests."""
+    return dict(sorted(MODEL_TYPES.items()))
+
+
+def unsupported_architectures() -> dict[str, str]:
+    """``{model_type: reason}`` for MoE architectures that are recognised but not patched."""
+    return dict(sorted(UNSUPPORTED.items()))
+
+
+def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def router_shape(module: torch.nn.Module, config: Any) -> tuple[int | None, int | None]:
+    """(num_experts, top_k) of a router, from its attributes, its weight or the model config."""
+    spec = registered_spec(module)
+    experts = spec.num_experts(module) if spec and spec.num_experts else None
+    top_k = spec.top_k(module) if spec and spec.top_k else None
+    experts = experts or _first_attr(module, ("num_experts", "n_routed_experts", "num_local_experts"))
+    top_k = top_k or _first_attr(module, ("top_k", "num_experts_per_tok", "moe_top_k"))
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        experts = experts or _first_attr(cfg, ("num_local_experts", "num_experts", "n_routed_experts"))
+        top_k = top_k or _first_attr(cfg, ("num_experts_per_tok", "moe_top_k", "top_k"))
+    weight = getattr(module, "weight", None)
+    if experts is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        experts = weight.shape[0]
+    return (int(experts) if experts else None, int(top_k) if top_k else None)
+
+
+def registered_spec(module: torch.nn.Module) -> RouterSpec | None:
+    for cls in type(module).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls]
+    return None
+
+
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def detect(module: torch.nn.Module) -> tuple[str | None, str]:
+    """(strategy or None, score_func) for a router module, by registration or by inspection."""
+    spec = registered_spec(module)
+    source = _forward_source(type(module))
+    score_func = "sigmoid" if "sigmoid" in source else "softmax"
+    if spec is not None:
+        return spec.strategy, spec.score_func or score_func
+    if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+        return "native_bias", "sigmoid"
+    if "topk" in source:
+        if getattr(module, "topk_method", None) == "group_limited_greedy":
+            return "group_limited", score_func
+        return "generic", score_func
+    return None, score_func
+
+
+def is_router_candidate(module: torch.nn.Module) -> bool:
+    return registered_spec(module) is not None or bool(ROUTER_NAME.search(type(module).__name__))
