@@ -37,7 +37,7 @@ def find_routers(model: nn.Module) -> list[dict[str, Any]]:
     config = getattr(model, "config", None)
     found = []
     for name, module in model.named_modules():
-        cls = getattr(type(module), "_mb_original_class", type(module))
+        cls = registry.original_class(module)
         if not registry.is_router_candidate(module):
             continue
         strategy, score_func = registry.detect(module)

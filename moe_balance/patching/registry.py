@@ -15,9 +15,9 @@ MODEL_TYPES: dict[str, str] = {
     "mixtral": "generic", "qwen2_moe": "generic", "qwen3_moe": "generic", "qwen3_next": "generic",
     "olmoe": "generic", "flex_olmo": "generic", "granitemoe": "generic", "granitemoeshared": "generic",
     "granitemoehybrid": "generic", "jamba": "generic", "gpt_oss": "generic", "llama4_text": "generic",
-    "minimax": "generic", "hunyuan_v1_moe": "generic", "ernie4_5_moe": "generic", "lfm2_moe": "generic",
+    "minimax": "generic", "minimax_m2": "generic", "hunyuan_v1_moe": "generic", "ernie4_5_moe": "generic", "lfm2_moe": "generic",
     "deepseek_v2": "group_limited",
-    "deepseek_v3": "native_bias", "glm4_moe": "native_bias", "minimax_m2": "native_bias",
+    "deepseek_v3": "native_bias", "glm4_moe": "native_bias",
     "dots1": "native_bias", "longcat_flash": "native_bias",
 }
 
@@ -124,10 +124,15 @@ def _forward_source(cls: type) -> str:
         return ""
 
 
+def original_class(module: torch.nn.Module) -> type:
+    """The router's own class, also when it is currently patched."""
+    return getattr(type(module), "_mb_original_class", type(module))
+
+
 def detect(module: torch.nn.Module) -> tuple[str | None, str]:
     """(strategy or None, score_func) for a router module, by registration or by inspection."""
     spec = registered_spec(module)
-    source = _forward_source(type(module))
+    source = _forward_source(original_class(module))
     score_func = "sigmoid" if "sigmoid" in source else "softmax"
     if spec is not None:
         return spec.strategy, spec.score_func or score_func
