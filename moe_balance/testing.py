@@ -84,3 +84,102 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
+
+
+def stdlib_files() -> list:
+    """The standard library's own ``.py`` sources (no ``test/``, no ``site-packages``), sorted."""
+    import sysconfig
+    from pathlib import Path
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def stdlib_corpus(max_bytes: int | None = None, split: str = "train", val_every: int = 10):
+    """Byte-level corpus from stdlib sources: ``(uint8 tensor, sha256 of the file list)``.
+
+    Files are split by position in the sorted list: every ``val_every``-th file is validation.
+    """
+    import hashlib
+    files = stdlib_files()
+    digest = hashlib.sha256("\n".join(str(p.name) + ":" + str(p.stat().st_size) for p in files).encode())
+    chosen = [p for i, p in enumerate(files) if (i % val_every == 0) == (split == "val")]
+    chunks, total = [], 0
+    for path in chosen:
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    blob = b"".join(chunks)[:max_bytes]
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long(), digest.hexdigest()[:16]
+
+
+def batches(data: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
+    """Endless random windows ``[B, S]`` from a 1-D token tensor, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=gen)
+        yield torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def skew_routers(model: torch.nn.Module, sample_ids: torch.Tensor, strength: float = 3.0) -> None:
+    """Make every router prefer low-numbered experts: adds ``s_e`` (from +strength to -strength)
+    to expert e's logit for a typical token, along the mean direction of the router inputs."""
+    from .patching.api import find_routers
+    modules = dict(model.named_modules())
+    routers = [modules[r["name"]] for r in find_routers(model)]
+    means: dict[int, torch.Tensor] = {}
+    hooks = [r.register_forward_pre_hook(
+        lambda m, args, i=i: means.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).float().mean(0)))
+        for i, r in enumerate(routers)]
+    try:
+        model(input_ids=sample_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, router in enumerate(routers):
+        weight = router.weight if isinstance(getattr(router, "weight", None), torch.Tensor) else router.layer.weight
+        direction = means[i] / means[i].pow(2).sum().clamp_min(1e-12)
+        shift_E = torch.linspace(strength, -strength, weight.shape[0])
+        weight += (shift_E[:, None] * direction[None, :]).to(weight.dtype)
+
+
+@torch.no_grad()
+def eval_maxvio(model: torch.nn.Module, balancer, data: torch.Tensor, n_batches: int = 12,
+                batch_size: int = 16, seq_len: int = 128) -> float:
+    """MaxVio_global over a fixed held-out sample (thousands of tokens), bias untouched."""
+    windows = batches(data, batch_size, seq_len, seed=123)
+    with balancer.measuring():
+        for _ in range(n_batches):
+            model(input_ids=next(windows))
+    return balancer.metrics()["maxvio_global"]
+
+
+def train_skewed(model_type: str, steps: int, seed: int = 0, skew: float = 3.0, lr: float = 1e-3,
+                 batch_size: int = 16, seq_len: int = 64, **balance: object) -> dict[str, float]:
+    """Train a skewed tiny model on stdlib bytes with a plain loop; report balance and loss.
+
+    Returns ``start_maxvio``/``end_maxvio`` (held-out) and ``first_loss``/``last_loss`` (mean of
+    the first/last 20 training losses).
+    """
+    from .patching.api import patch
+    train, _ = stdlib_corpus(max_bytes=2_000_000)
+    val, _ = stdlib_corpus(max_bytes=400_000, split="val")
+    model = tiny_model(model_type, seed=seed, vocab_size=256)
+    skew_routers(model, next(batches(train, 8, 64, seed=9)), strength=skew)
+    balancer = patch(model, **balance)
+    start = eval_maxvio(model, balancer, val)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    stream, losses = batches(train, batch_size, seq_len, seed=seed), []
+    for _ in range(steps):
+        ids = next(stream)
+        loss = model(input_ids=ids, labels=ids).loss + balancer.loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        balancer.step()
+        losses.append(float(loss))
+    return {"start_maxvio": start, "end_maxvio": eval_maxvio(model, balancer, val),
+            "first_loss": sum(losses[:20]) / 20, "last_loss": sum(losses[-20:]) / 20}

@@ -268,3 +268,26 @@ def test_selftest_catches_a_bypassed_router():
     finally:
         type(block).forward = original
     assert "_moe_balance" not in model.__dict__  # a failed patch leaves nothing behind
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_compile_has_no_graph_breaks(model_type):
+    model = tiny_model(model_type)
+    mb.patch(model, aux_loss="switch", z_loss_coef=1e-3, attach_loss=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=lm_batch()["input_ids"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_fullgraph_forward_counts_tokens():
+    model = tiny_model("mixtral").eval()
+    bal = mb.patch(model)
+    batch = lm_batch()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+        bal.reset_window()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        got = compiled(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert bal.current_window()["tokens_L"].tolist() == [24.0, 24.0]

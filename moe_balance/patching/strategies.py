@@ -62,7 +62,12 @@ class RouterSite:
 
 
 def in_backward_recompute() -> bool:
-    """True inside the autograd engine (a gradient-checkpoint recomputation of the forward)."""
+    """True inside the autograd engine (a gradient-checkpoint recomputation of the forward).
+
+    Compiled graphs never re-run this Python during backward, so the check is skipped there.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
