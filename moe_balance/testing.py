@@ -183,3 +183,18 @@ def train_skewed(model_type: str, steps: int, seed: int = 0, skew: float = 3.0, 
         losses.append(float(loss))
     return {"start_maxvio": start, "end_maxvio": eval_maxvio(model, balancer, val),
             "first_loss": sum(losses[:20]) / 20, "last_loss": sum(losses[-20:]) / 20}
+
+
+class ByteWindows(torch.utils.data.Dataset):
+    """Fixed, evenly spaced windows of a byte corpus as causal-LM examples."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int = 64, count: int = 256) -> None:
+        stride = max(1, (data.numel() - seq_len - 1) // count)
+        self.windows = [data[i * stride:i * stride + seq_len] for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,246 @@
+"""HF Trainer integration: ``MoEBalanceCallback``, one line added to an existing script.
+
+What it does, and where in the Trainer:
+
+* ``on_init_end`` (inside ``Trainer.__init__``): validates the config and patches the model's routers,
+  so an unsupported model or a bad config fails at ``Trainer(...)``, not hours in;
+* the balance loss rides on the router outputs (``attach_loss``), scaled by
+  ``1 / gradient_accumulation_steps``, so ``compute_loss`` (and any subclass's) stays untouched;
+* ``on_step_end`` (after each optimizer step): ``balancer.step()`` (one all-reduce, bias update),
+  or only a window reset when the optimizer skipped the step;
+* ``Trainer.log`` and ``Trainer.evaluation_loop`` are wrapped on this trainer instance so balance
+  metrics land in ``state.log_history``, the console and every reporter under ``moe_balance/``;
+  evaluation measures balance without touching the bias;
+* checkpoints: ``moe_balance.pt`` in every ``checkpoint-*`` folder, restored on
+  ``train(resume_from_checkpoint=...)``.
+
+Example:
+    >>> from moe_balance.integrations.hf import MoEBalanceCallback
+    >>> cb = MoEBalanceCallback(bias_update="sign", aux_loss="global_batch", aux_loss_coef=1e-3)
+    >>> cb.config.aux_loss
+    'global_batch'
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from moe_balance._optional import require
+from moe_balance.balancer import Balancer
+from moe_balance.config import BalanceConfig, resolve_config
+from moe_balance.patching import api as patching
+from moe_balance.stats_log import StatsWriter, prefixed
+
+require("transformers")
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import ExportableState  # noqa: E402
+
+logger = logging.getLogger("moe_balance")
+STATE_FILE = "moe_balance.pt"
+STATS_FILE = "moe_balance_stats.jsonl"
+
+
+def deepspeed_entry(deepspeed_arg: Any) -> Mapping[str, Any] | None:
+    """The ``"moe_balance"`` entry of a DeepSpeed config given as a dict or a JSON file path."""
+    if deepspeed_arg is None:
+        return None
+    config = deepspeed_arg
+    if isinstance(deepspeed_arg, (str, os.PathLike)):
+        config = json.loads(Path(deepspeed_arg).read_text())
+    return config.get("moe_balance") if isinstance(config, Mapping) else None
+
+
+def merge_config(explicit: Mapping[str, Any], entry: Mapping[str, Any] | None) -> BalanceConfig:
+    """Explicit fields and a config-file entry may both be given, but must not disagree."""
+    if entry is None:
+        return resolve_config(None, **explicit)
+    from_entry = BalanceConfig.from_dict(entry)
+    clashes = {k: (v, entry[k]) for k, v in explicit.items() if k in entry and entry[k] != v}
+    if clashes:
+        detail = ", ".join(f"{k}: argument {a!r} vs config {b!r}" for k, (a, b) in clashes.items())
+        raise ValueError(f"moe_balance settings disagree between MoEBalanceCallback and the DeepSpeed "
+                         f"config's \"moe_balance\" entry ({detail}); keep one of them")
+    return from_entry.replace(**explicit)
+
+
+def _find_trainer() -> Any | None:
+    """The Trainer whose ``__init__`` is calling us (callbacks are not handed the trainer)."""
+    from transformers import Trainer
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class MoEBalanceCallback(TrainerCallback, ExportableState):
+    """Balance the routers of the Trainer's MoE model: losses, loss-free bias, metrics, checkpoints.
+
+    Args:
+        config: a :class:`~moe_balance.BalanceConfig` (or dict); or give its fields as keywords.
+        write_stats: append metrics (and the load matrix) to ``output_dir/moe_balance_stats.jsonl``
+            on the main process at every log, for ``python -m moe_balance plot``.
+        **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
+    """
+
+    def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
+                 **fields: Any) -> None:
+        explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
+        explicit.update(fields)
+        self._explicit = explicit
+        self.config = resolve_config(None, **explicit)  # validate now: errors at construction
+        self.write_stats = write_stats
+        self.balancer: Balancer | None = None
+        self._trainer_ref: Any = None
+        self._stats: StatsWriter | None = None
+
+    # ------------------------------------------------------------------ setup
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.config = merge_config(self._explicit, deepspeed_entry(getattr(args, "deepspeed", None)))
+        if model is None:
+            raise ValueError("MoEBalanceCallback needs the Trainer's model")
+        existing = patching.patch_state_of(model)
+        if existing is not None:  # e.g. the same model handed to a second Trainer
+            patching.unpatch(model)
+        self.balancer = patching.patch(model, self.config, attach_loss=True)
+        patch_state = patching.patch_state_of(model)
+        patch_state.loss_scale = 1.0 / max(1, args.gradient_accumulation_steps)
+        trainer = _find_trainer()
+        if trainer is not None:
+            self._trainer_ref = weakref.ref(trainer)
+            self._wrap_trainer(trainer)
+        else:
+            logger.warning("moe_balance: Trainer not found from the callback; metrics go to log_history only "
+                           "and resume restores the balancer from trainer_state.json")
+        return control
+
+    def _wrap_trainer(self, trainer: Any) -> None:
+        """Instance-level wrappers (the class and other trainers are untouched)."""
+        if getattr(trainer, "_moe_balance_wrapped", False):
+            return
+        trainer._moe_balance_wrapped = True
+        original_log = trainer.log
+        original_eval_loop = trainer.evaluation_loop
+        original_load = trainer._load_from_checkpoint
+        callback = self
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs and trainer.is_world_process_zero():
+                logs.update(callback.train_metrics())
+            return original_log(logs, *args, **kwargs)
+
+        def evaluation_loop(*args: Any, **kwargs: Any):
+            with callback.balancer.measuring():
+                output = original_eval_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            metrics = callback.balancer.metrics()
+            for key in ("maxvio_global", "maxvio_batch", "cv", "dead_experts", "load_entropy"):
+                output.metrics[f"{prefix}_moe_balance/{key}"] = metrics[key]
+            return output
+
+        def load_from_checkpoint(resume_from_checkpoint: str, *args: Any, **kwargs: Any):
+            result = original_load(resume_from_checkpoint, *args, **kwargs)
+            callback.restore(resume_from_checkpoint)
+            return result
+
+        trainer.log = log
+        trainer.evaluation_loop = evaluation_loop
+        trainer._load_from_checkpoint = load_from_checkpoint
+
+    # -------------------------------------------------------------- training
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.write_stats and state.is_world_process_zero:
+            self._stats = StatsWriter(Path(args.output_dir) / STATS_FILE)
+        if self._trainer_ref is None and state.global_step > 0:
+            saved = state.stateful_callbacks.get(type(self).__name__)
+            if saved:
+                self.balancer.load_state_dict(_from_json(saved["attributes"]["balancer"]))
+        return control
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self._step_skipped(optimizer):
+            self.balancer.reset_window()  # fp16 overflow: no applied step, no bias update
+        else:
+            self.balancer.step()
+        return control
+
+    def _step_skipped(self, optimizer: Any) -> bool:
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        engine = getattr(trainer, "deepspeed", None) if trainer is not None else None
+        if engine is not None and hasattr(engine, "was_step_applied"):
+            return not engine.was_step_applied()
+        return bool(getattr(optimizer, "step_was_skipped", False))
+
+    def train_metrics(self) -> dict[str, float]:
+        metrics = self.balancer.metrics()
+        if self._stats is not None:
+            trainer = self._trainer_ref() if self._trainer_ref else None
+            step = trainer.state.global_step if trainer is not None else self.balancer.num_steps
+            self._stats.write(step, metrics, self.balancer)
+        keep = metrics if self.config.log_per_layer else {k: v for k, v in metrics.items() if "/" not in k}
+        return prefixed(keep)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Without the trainer wrapper (not found), at least put the metrics in log_history.
+        if self._trainer_ref is None and logs is not None and "loss" in logs and state.is_world_process_zero:
+            extra = self.train_metrics()
+            logs.update(extra)
+            if state.log_history:
+                state.log_history[-1].update(extra)
+        return control
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                self.balancer.save(folder / STATE_FILE)
+        return control
+
+    def restore(self, checkpoint: str | os.PathLike) -> bool:
+        """Load ``moe_balance.pt`` from a checkpoint folder if present."""
+        path = Path(checkpoint) / STATE_FILE
+        if not path.exists():
+            logger.warning("moe_balance: %s has no %s; the balancer starts fresh", checkpoint, STATE_FILE)
+            return False
+        self.balancer.load(path)
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """ExportableState: the balancer also travels in ``trainer_state.json``."""
+        return {"args": {}, "attributes": {"balancer": _to_json(self.balancer.state_dict())
+                                           if self.balancer is not None else None}}
+
+    def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
+        patching.unpatch(model, **kwargs)
+
+
+def _to_json(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = {"dtype": str(value.dtype).removeprefix("torch."), "data": value.tolist()}
+        else:
+            out[key] = value
+    return out
+
+
+def _from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and set(value) == {"dtype", "data"}:
+            out[key] = torch.tensor(value["data"], dtype=getattr(torch, value["dtype"]))
+        else:
+            out[key] = value
+    return out

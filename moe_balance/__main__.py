@@ -1,0 +1,83 @@
+"""Command line: ``python -m moe_balance {inspect,plot,architectures}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _meta_model(target: str):
+    """Build the model skeleton on the meta device: no weights are read or allocated."""
+    import torch
+
+    from ._optional import require
+    transformers = require("transformers")
+    if Path(target).exists():
+        config = transformers.AutoConfig.from_pretrained(target)
+    else:
+        from .testing import tiny_config
+        config = tiny_config(target)
+    with torch.device("meta"):
+        try:
+            return transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            return transformers.AutoModel.from_config(config)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .patching import api, registry
+    model = _meta_model(args.target)
+    model_type = api.model_type_of(model)
+    found = api.find_routers(model)
+    print(f"model: {type(model).__name__} (model_type={model_type!r})")
+    if model_type in registry.UNSUPPORTED:
+        print(f"unsupported: {registry.UNSUPPORTED[model_type]}")
+    header = f"{'layer':>5}  {'module':<40} {'router class':<28} {'experts':>7} {'top_k':>5}  {'scoring':<8} strategy"
+    print(header)
+    print("-" * len(header))
+    layer = 0
+    for info in found:
+        index = str(layer) if info["strategy"] else "-"
+        layer += info["strategy"] is not None
+        print(f"{index:>5}  {info['name']:<40} {info['class']:<28} {info['num_experts'] or '?':>7} "
+              f"{info['top_k'] or '?':>5}  {info['score_func']:<8} {info['strategy'] or 'not patchable'}")
+    print(f"{layer} MoE layer(s) would be balanced" if layer and model_type not in registry.UNSUPPORTED
+          else "no router would be patched")
+    return 0 if layer and model_type not in registry.UNSUPPORTED else 1
+
+
+def cmd_architectures(args: argparse.Namespace) -> int:
+    from .patching import registry
+    for model_type, strategy in registry.supported_architectures().items():
+        print(f"{model_type:<20} {strategy}")
+    for model_type, reason in registry.unsupported_architectures().items():
+        print(f"{model_type:<20} unsupported: {reason}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+    out = plot_run(args.run_dir, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_balance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list the MoE routers of a checkpoint folder or model_type")
+    p.add_argument("target", help="a checkpoint folder (config.json) or a transformers model_type")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("architectures", help="supported and unsupported model types")
+    p.set_defaults(func=cmd_architectures)
+    p = sub.add_parser("plot", help="render a run's balance stats (moe_balance_stats.jsonl) to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", default="balance.png")
+    p.set_defaults(func=cmd_plot)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
