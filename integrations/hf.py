@@ -71,6 +71,39 @@ def merge_config(explicit: Mapping[str, Any], entry: Mapping[str, Any] | None) -
     return from_entry.replace(**explicit)
 
 
+def checkpoint_keys(folder: str | os.PathLike) -> set[str] | None:
+    """Tensor names stored in a checkpoint folder's safetensors files (None if there are none)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.exists():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(single), framework="pt") as f:
+        return set(f.keys())
+
+
+@torch.no_grad()
+def repair_converted_weights(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
+    """If the checkpoint's names differ from the model's (weights converted on save, not mapped back
+    by ``Trainer._load_from_checkpoint``), load them through ``from_pretrained``'s conversion."""
+    keys = checkpoint_keys(folder)
+    if keys is None or not hasattr(model, "save_pretrained"):
+        return False
+    wanted = set(model.state_dict())
+    if wanted <= keys:
+        return False
+    logger.warning("moe_balance: %d weights of %s were not restored by the Trainer (converted names such as "
+                   "per-expert keys); reloading them with from_pretrained", len(wanted - keys), folder)
+    fresh = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    fresh_state = fresh.state_dict()
+    for name, tensor in model.state_dict().items():
+        tensor.copy_(fresh_state[name])
+    return True
+
+
 def _find_trainer() -> Any | None:
     """The Trainer whose ``__init__`` is calling us (callbacks are not handed the trainer)."""
     from transformers import Trainer
@@ -88,18 +121,21 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     Args:
         config: a :class:`~moe_balance.BalanceConfig` (or dict); or give its fields as keywords.
+        repair_resume: on ``resume_from_checkpoint``, reload weights whose checkpoint keys the Trainer
+            could not map back (fused MoE experts saved per expert; transformers issue #48805).
         write_stats: append metrics (and the load matrix) to ``output_dir/moe_balance_stats.jsonl``
             on the main process at every log, for ``python -m moe_balance plot``.
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
-                 **fields: Any) -> None:
+                 repair_resume: bool = True, **fields: Any) -> None:
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
         explicit.update(fields)
         self._explicit = explicit
         self.config = resolve_config(None, **explicit)  # validate now: errors at construction
         self.write_stats = write_stats
+        self.repair_resume = repair_resume
         self.balancer: Balancer | None = None
         self._trainer_ref: Any = None
         self._stats: StatsWriter | None = None
@@ -150,6 +186,9 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
         def load_from_checkpoint(resume_from_checkpoint: str, *args: Any, **kwargs: Any):
             result = original_load(resume_from_checkpoint, *args, **kwargs)
+            model = kwargs.get("model") or (args[0] if args else None) or trainer.model
+            if callback.repair_resume:
+                repair_converted_weights(model, resume_from_checkpoint)
             callback.restore(resume_from_checkpoint)
             return result
 
