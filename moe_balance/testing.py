@@ -67,23 +67,30 @@ _TINY_EXTRA: dict[str, dict] = {
 }
 
 
-def tiny_config(model_type: str, **overrides):
-    """A tiny transformers config (2 layers, hidden 32, 8 experts, top-2) for ``model_type``.
+def tiny_config(model_type: str, experts: int = 8, top_k: int = 2, **overrides):
+    """A tiny transformers config (2 layers, hidden 32, ``experts`` experts, top-``top_k``).
 
     Example:
-        >>> tiny_config("mixtral").num_local_experts
-        8
+        >>> tiny_config("mixtral", experts=16).num_local_experts
+        16
     """
     from transformers import AutoConfig
-    kwargs = {**_TINY_COMMON, **_TINY_EXTRA.get(model_type, {}), **overrides}
+    sizes = dict(num_local_experts=experts, num_experts=experts, n_routed_experts=experts,
+                 num_experts_per_tok=top_k)
+    extra = dict(_TINY_EXTRA.get(model_type, {}))
+    for name in ("moe_num_experts", "moe_k", "moe_topk"):
+        if name in extra:
+            extra[name] = top_k if name in ("moe_k", "moe_topk") else experts
+    kwargs = {**_TINY_COMMON, **sizes, **extra, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides):
+def tiny_model(model_type: str, seed: int = 0, experts: int = 8, top_k: int = 2, **overrides):
     """A tiny causal LM built from :func:`tiny_config` with a fixed seed."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
+    config = tiny_config(model_type, experts=experts, top_k=top_k, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
 def stdlib_files() -> list:
