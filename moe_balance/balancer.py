@@ -59,8 +59,8 @@ class Balancer(nn.Module):
         >>> import torch, moe_balance as mb
         >>> bal = mb.Balancer(mb.BalanceConfig(aux_loss="switch"), num_layers=1, num_experts=4, top_k=2)
         >>> logits_TE = torch.randn(16, 4, requires_grad=True)
-        >>> loss = bal.observe(0, logits_TE, logits_TE.topk(2).indices)
-        >>> loss.backward(); bal.step()
+        >>> _ = bal.observe(0, logits_TE, logits_TE.topk(2).indices)
+        >>> bal.loss().backward(); bal.step()
         >>> sorted(bal.metrics())[:2]
         ['aux_coef', 'aux_loss']
     """
