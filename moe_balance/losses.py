@@ -45,8 +45,8 @@ class RoutingBatch:
 
 
 def mean_probs(probs_TE: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
-    """P_i: mean score of each expert over the valid tokens."""
-    return (weight_T[:, None] * probs_TE).sum(0) / weight_T.sum().clamp_min(1.0)
+    """P_i: mean score of each expert over the valid tokens (one matrix-vector product)."""
+    return (weight_T.to(probs_TE.dtype) @ probs_TE) / weight_T.sum().clamp_min(1.0)
 
 
 def load_fraction(counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
