@@ -1,0 +1,77 @@
+"""Accelerate integration: one line after ``accelerator.prepare``.
+
+Example (the loop stays as it is)::
+
+    from moe_balance.integrations.accelerate import attach
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    balancer = attach(accelerator, model, optimizer, bias_update="sign", aux_loss="global_batch")
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)      # balance-loss gradients ride on the router outputs
+            optimizer.step(); optimizer.zero_grad()
+
+What ``attach`` does: unwraps and patches the model's routers; scales the attached balance loss by
+``1 / gradient_accumulation_steps``; wraps the prepared optimizer's ``step`` so the balancer steps
+(one all-reduce, bias update) only when ``accelerator.sync_gradients`` and not
+``optimizer.step_was_skipped``; registers the balancer for ``save_state``/``load_state``; and sends
+``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every`` steps when trackers are set up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from moe_balance._optional import require
+from moe_balance.balancer import Balancer
+from moe_balance.config import BalanceConfig, resolve_config
+from moe_balance.patching import api as patching
+from moe_balance.stats_log import prefixed
+
+require("accelerate")
+
+
+def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig | Mapping[str, Any] | None = None, *,
+           attach_loss: bool = True, log_every: int = 10, **fields: Any) -> Balancer:
+    """Patch ``model``'s routers and drive the balancer from the prepared ``optimizer``.
+
+    Args:
+        accelerator: the ``Accelerator`` that prepared ``model`` and ``optimizer``.
+        attach_loss: False leaves the balance loss to you: add ``balancer.loss()`` to your loss
+            (``accelerator.backward`` then scales it for accumulation like the rest).
+        log_every: optimizer steps between ``accelerator.log`` calls (when trackers exist).
+        **fields: :class:`~moe_balance.BalanceConfig` fields.
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+    cfg = resolve_config(config, **fields)
+    if not isinstance(optimizer, AcceleratedOptimizer):
+        raise ValueError("attach() needs the optimizer returned by accelerator.prepare(...): call it after prepare")
+    unwrapped = accelerator.unwrap_model(model)
+    if not any(accelerator.unwrap_model(m) is unwrapped for m in accelerator._models):
+        raise ValueError("attach() needs the model returned by accelerator.prepare(...): call it after prepare")
+    balancer = patching.patch(unwrapped, cfg, attach_loss=attach_loss)
+    patching.patch_state_of(unwrapped).loss_scale = 1.0 / max(1, accelerator.gradient_accumulation_steps)
+    _wrap_step(accelerator, optimizer, balancer, log_every)
+    accelerator.register_for_checkpointing(balancer)
+    return balancer
+
+
+def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: int) -> None:
+    if getattr(optimizer, "_moe_balance_wrapped", False):
+        raise ValueError("this optimizer already drives a moe_balance Balancer")
+    original_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any):
+        result = original_step(*args, **kwargs)
+        if not accelerator.sync_gradients:
+            return result  # inside accumulate(): no real step yet, keep counting
+        if optimizer.step_was_skipped:
+            balancer.reset_window()  # e.g. fp16 overflow: nothing was applied
+            return result
+        balancer.step()
+        if accelerator.trackers and log_every and balancer.num_steps % log_every == 0:
+            accelerator.log(prefixed(balancer.metrics()), step=balancer.num_steps)
+        return result
+
+    optimizer.step = step
+    optimizer._moe_balance_wrapped = True
