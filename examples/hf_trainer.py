@@ -39,7 +39,8 @@ def main() -> None:
 
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=16, learning_rate=1e-3,
-        gradient_accumulation_steps=2, logging_steps=25, eval_strategy="steps", eval_steps=100,
+        gradient_accumulation_steps=2, logging_steps=max(1, min(25, args.steps // 4)), eval_strategy="steps",
+        eval_steps=100,
         save_steps=100, report_to=[], use_cpu=True, lr_scheduler_type="constant")
     trainer = Trainer(
         model=model, args=training_args,

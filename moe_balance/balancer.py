@@ -42,6 +42,8 @@ _WINDOW_FIELDS: tuple[tuple[str, Any], ...] = (
     ("aux_sum_L", 1),            # sum of the unweighted aux loss values
     ("z_sum_L", 1),              # sum of the unweighted z-loss values
     ("loss_batches_L", 1),       # micro-batches whose losses were computed
+    ("reported_dropped_sum_L", 1),  # dropped share reported by a router with its own capacity (DeepSpeed)
+    ("reported_batches_L", 1),
 )
 
 
@@ -107,7 +109,8 @@ class Balancer(nn.Module):
     # ------------------------------------------------------------------ observe
     def observe(self, layer: int, router_logits: torch.Tensor, topk_idx: torch.Tensor,
                 mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
-                seq_len: int | None = None, collect: bool = True, record: bool = True) -> torch.Tensor:
+                seq_len: int | None = None, collect: bool = True, record: bool = True,
+                dropped: torch.Tensor | None = None) -> torch.Tensor:
         """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
 
         Args:
@@ -120,6 +123,7 @@ class Balancer(nn.Module):
             collect: also keep the loss for ``loss()``; adapters that attach it themselves pass False.
             record: add to the step window; False only computes the loss (e.g. a gradient-checkpoint
                 recomputation, whose tokens were already counted in the first forward).
+            dropped: share of assignments the router itself dropped at capacity (0-d tensor), if it has one.
         """
         logits_TE, idx_TK, mask_T, scores_TE, seq_len = self._check(layer, router_logits, topk_idx,
                                                                    mask, scores, seq_len)
@@ -132,6 +136,9 @@ class Balancer(nn.Module):
         weight_T = valid_T.to(torch.float64)
         if record:
             self._count(layer, idx_TK, weight_T, mask_T, finite_T)
+            if dropped is not None:
+                self.reported_dropped_sum_L[layer] += dropped.detach().to(torch.float64)
+                self.reported_batches_L[layer] += 1
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
         total = self._losses(layer, logits_TE, idx_TK, weight_T.float(), finite_T, scores_TE, seq_len, record)
@@ -348,6 +355,10 @@ class Balancer(nn.Module):
         out["aux_coef"] = float(self.aux_coef)
         out["tokens"] = float(window["tokens_L"].max())
         out["skipped_tokens"] = float(window["skipped_tokens_L"].sum())
+        reported_L = window["reported_batches_L"]
+        if bool((reported_L > 0).any()):
+            has = reported_L > 0
+            out["capacity_dropped"] = float((window["reported_dropped_sum_L"][has] / reported_L[has]).mean())
         return dict(sorted(out.items()))
 
     def load_matrix(self) -> torch.Tensor:

@@ -142,12 +142,15 @@ def skew_routers(model: torch.nn.Module, sample_ids: torch.Tensor, strength: flo
         lambda m, args, i=i: means.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).float().mean(0)))
         for i, r in enumerate(routers)]
     try:
-        model(input_ids=sample_ids)
+        with torch.random.fork_rng(devices=[]):
+            model(input_ids=sample_ids)
     finally:
         for h in hooks:
             h.remove()
     for i, router in enumerate(routers):
-        weight = router.weight if isinstance(getattr(router, "weight", None), torch.Tensor) else router.layer.weight
+        holder = next(m for m in (router, getattr(router, "wg", None), getattr(router, "layer", None))
+                      if isinstance(getattr(m, "weight", None), torch.Tensor))
+        weight = holder.weight
         direction = means[i] / means[i].pow(2).sum().clamp_min(1e-12)
         shift_E = torch.linspace(strength, -strength, weight.shape[0])
         weight += (shift_E[:, None] * direction[None, :]).to(weight.dtype)

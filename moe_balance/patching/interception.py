@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _TOPK = {torch.topk, torch.Tensor.topk}
+_ARGMAX = {torch.argmax, torch.Tensor.argmax}
 _LINEAR = {F.linear, torch._C._nn.linear}
 _SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid}
 
@@ -22,24 +23,37 @@ class SelectionInterceptor(TorchFunctionMode):
     """Bias the top-k selection over ``num_experts`` and record what the router computed."""
 
     def __init__(self, bias_E: torch.Tensor | None, num_experts: int, top_k: int,
-                 zero_is_masked: bool = False) -> None:
+                 zero_is_masked: bool = False, argmax: bool = False, clone_logits: bool = False) -> None:
         super().__init__()
         self.bias_E, self.num_experts, self.top_k = bias_E, num_experts, top_k
         self.zero_is_masked = zero_is_masked
+        self.argmax = argmax  # DeepSpeed's top-1/top-2 gates choose by argmax
+        self.clone_logits = clone_logits  # DeepSpeed's top-2 adds noise to its logits in place
         self.logits: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
-        self.topk_input: torch.Tensor | None = None
+        self.selections: list[torch.Tensor] = []
         self.used_sigmoid = False
-        self.intercepted = 0
+
+    @property
+    def intercepted(self) -> int:
+        return len(self.selections)
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """``[T, K]`` experts chosen over all intercepted selections (top-2 by argmax: two)."""
+        if not self.selections:
+            return None
+        return self.selections[0] if len(self.selections) == 1 else torch.cat(self.selections, -1)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _TOPK:
             return self._topk(func, args, kwargs)
+        if self.argmax and func in _ARGMAX:
+            return self._argmax(func, args, kwargs)
         out = func(*args, **kwargs)
         if func in _LINEAR and self.logits is None and isinstance(out, torch.Tensor) \
                 and out.shape[-1] == self.num_experts:
-            self.logits = out
+            self.logits = out.clone() if self.clone_logits else out
         elif func in _SIGMOID:
             self.used_sigmoid = True
         return out
@@ -54,14 +68,26 @@ class SelectionInterceptor(TorchFunctionMode):
         rest.pop("input", None), rest.pop("k", None), rest.pop("dim", None)
         for name, value in zip(("largest", "sorted"), args[3:]):
             rest[name] = value
-        if self.bias_E is None:
-            choice = x
-        else:
-            choice = x + self.bias_E.to(x.dtype)
-            if self.zero_is_masked:  # group-limited routers zero the scores of excluded groups
-                choice = torch.where(x == 0, torch.full_like(x, float("-inf")), choice)
-        indices = torch.topk(choice.detach(), k, dim=-1, **rest).indices
+        indices = torch.topk(self._biased(x), k, dim=-1, **rest).indices
         values = x.gather(-1, indices)
-        self.indices, self.topk_input = indices, x
-        self.intercepted += 1
+        self.selections.append(indices)
         return torch.return_types.topk((values, indices))
+
+    def _argmax(self, func, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None or x.dim() != 2 or x.shape[-1] != self.num_experts or dim not in (-1, 1):
+            return func(*args, **kwargs)
+        indices = torch.argmax(self._biased(x), dim=-1, keepdim=bool(kwargs.get("keepdim", False)))
+        self.selections.append(indices.reshape(-1, 1))
+        return indices
+
+    def _biased(self, x: torch.Tensor) -> torch.Tensor:
+        """What the selection ranks: ``x + b`` (no grad), keeping masked entries masked."""
+        x = x.detach()
+        if self.bias_E is None:
+            return x
+        choice = x + self.bias_E.to(x.dtype)
+        if self.zero_is_masked:  # group-limited routers zero the scores of excluded groups
+            choice = torch.where(x == 0, torch.full_like(x, float("-inf")), choice)
+        return choice

@@ -44,13 +44,19 @@ class RouterSpec:
 
 _REGISTERED: dict[type, RouterSpec] = {}
 
+# Routers known by (module prefix, class name), so their libraries need not be imported here.
+_BUILTIN_BY_NAME: dict[tuple[str, str], RouterSpec] = {
+    ("deepspeed.moe", "TopKGate"): RouterSpec("deepspeed_gate", num_experts=lambda m: int(m.wg.out_features),
+                                              top_k=lambda m: int(m.k), score_func="softmax"),
+}
+
 
 def register_router(router_cls: type, strategy: str = "generic", *, num_experts: Callable | str | None = None,
                     top_k: Callable | str | None = None, score_func: str | None = None) -> None:
     """Teach moe_balance a router class of your own (or override how a known one is patched).
 
     ``strategy`` is one of ``"generic"`` (the router calls ``topk`` over its experts),
-    ``"group_limited"`` or ``"native_bias"`` (it adds an ``e_score_correction_bias`` buffer).
+    ``"group_limited"``, ``"deepspeed_gate"`` or ``"native_bias"`` (it adds an ``e_score_correction_bias`` buffer).
     ``num_experts``/``top_k`` are attribute names or callables of the router instance.
 
     Example:
@@ -114,6 +120,10 @@ def registered_spec(module: torch.nn.Module) -> RouterSpec | None:
     for cls in type(module).__mro__:
         if cls in _REGISTERED:
             return _REGISTERED[cls]
+    for cls in type(module).__mro__:
+        for (prefix, name), spec in _BUILTIN_BY_NAME.items():
+            if cls.__name__ == name and cls.__module__.startswith(prefix):
+                return spec
     return None
 
 

@@ -19,14 +19,14 @@ class AttachLoss(torch.autograd.Function):
     """Identity on ``x`` whose backward also feeds ``scale`` into ``loss`` (Megatron's aux-loss scaler)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale  # a tensor (e.g. a GradScaler's) stays on device: no host sync
         ctx.loss_shape = loss.shape
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
-        grad_loss = torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_x.device)
+        grad_loss = torch.ones(ctx.loss_shape, dtype=torch.float32, device=grad_x.device) * ctx.scale
         return grad_x, grad_loss, None
 
 
@@ -37,6 +37,9 @@ class PatchState:
     balancer: Any
     attach_loss: bool = False
     loss_scale: float = 1.0
+    """Factor on the attached loss gradient: 1 / gradient accumulation steps in the integrations."""
+    grad_scale: Any = None
+    """Optional callable giving the mixed-precision loss scale (fp16) the backward runs at."""
     mask_BS: torch.Tensor | None = None
     measuring: bool = True
     selftest_hits: set[int] | None = None
@@ -71,7 +74,8 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, output: Any) -> Any:
+def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, output: Any,
+           dropped: torch.Tensor | None = None) -> Any:
     """Hand one router call to the balancer; attach the loss to the router output if asked."""
     state = site.state
     if state.selftest_hits is not None:
@@ -88,9 +92,10 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     scores = torch.sigmoid(logits_TE.float()) if site.score_func == "sigmoid" else None
     loss = state.balancer.observe(site.layer, logits_TE, idx_TK.reshape(logits_TE.shape[0], -1), mask_T,
                                   scores=scores, seq_len=seq_len, collect=not state.attach_loss,
-                                  record=not recompute)
+                                  record=not recompute, dropped=dropped)
     if state.attach_loss and loss.requires_grad:
-        return attach_to_output(output, loss, state.loss_scale)
+        scale = state.loss_scale * (state.grad_scale() if state.grad_scale is not None else 1.0)
+        return attach_to_output(output, loss, scale)
     return output
 
 
@@ -110,11 +115,14 @@ class InterceptSelection:
     """Generic strategy: bias the router's own top-k call (see :mod:`.interception`)."""
 
     _mb_zero_is_masked = False
+    _mb_argmax = False
+    _mb_clone_logits = False
 
     def forward(self, *args, **kwargs):
         site: RouterSite = self.__dict__["_mb_site"]
         bias_E = site.state.balancer.bias_LE[site.layer] if site.state.balancer.config.uses_bias else None
-        mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked)
+        mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
+                                    self._mb_argmax, self._mb_clone_logits)
         with mode:
             output = super().forward(*args, **kwargs)
         if mode.intercepted == 0 or mode.indices is None:
@@ -126,13 +134,41 @@ class InterceptSelection:
         if logits is None:
             logits = next(t for t in (output if isinstance(output, tuple) else (output,))
                           if isinstance(t, torch.Tensor) and t.shape[-1] == site.num_experts)
-        return report(site, logits, mode.indices, output)
+        return report(site, logits, mode.indices, output, self._mb_dropped(output))
+
+    def _mb_dropped(self, output) -> torch.Tensor | None:
+        return None
 
 
 class InterceptGroupLimited(InterceptSelection):
     """Group-limited softmax routers (DeepSeek-V2): excluded groups are zeroed, keep them out."""
 
     _mb_zero_is_masked = True
+
+
+class InterceptDeepSpeedGate(InterceptSelection):
+    """``deepspeed.moe.sharded_moe.TopKGate``: top-1/top-2 choose by argmax, top-k by topk.
+
+    The bias goes where DeepSpeed ranks: softmax probabilities for the first expert (and for top-k),
+    the (noised) logits for top-2's second expert. Capacity and ``l_aux`` stay DeepSpeed's own;
+    the share of assignments DeepSpeed dropped at capacity is reported as ``capacity_dropped``.
+    Output: ``(l_aux, combine_weights, dispatch_mask, exp_counts)``.
+    """
+
+    _mb_argmax = True
+    _mb_clone_logits = True
+
+    def _mb_dropped(self, output) -> torch.Tensor | None:
+        if not isinstance(output, tuple):
+            return None
+        if len(output) == 7:  # sparse routes: (l_aux, C, E, indices, locations, gates, counts), evicted < 0
+            indices = output[3]
+            return (indices < 0).sum().to(torch.float64) / max(1, indices.numel())
+        dispatch_mask = output[2] if len(output) > 2 else None
+        if not isinstance(dispatch_mask, torch.Tensor) or dispatch_mask.dim() != 3:
+            return None
+        site: RouterSite = self.__dict__["_mb_site"]
+        return 1.0 - dispatch_mask.sum().to(torch.float64) / (dispatch_mask.shape[0] * site.top_k)
 
 
 class NativeCorrectionBias:
@@ -174,9 +210,7 @@ class AttentionMaskHook:
         self.state = state
 
     def __call__(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
+        mask = kwargs.get("attention_mask")  # by keyword only: a positional 2nd argument may be anything
         self.state.mask_BS = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
@@ -184,4 +218,5 @@ STRATEGIES: dict[str, type] = {
     "generic": InterceptSelection,
     "group_limited": InterceptGroupLimited,
     "native_bias": NativeCorrectionBias,
+    "deepspeed_gate": InterceptDeepSpeedGate,
 }
