@@ -79,7 +79,8 @@ def main() -> None:
     for n, v in med.items():
         print(f"  {n:<14} {v:8.2f} ms/layer   x{v / med['topk']:.2f} of topk   x{v / med['router']:.2f} of router")
     print(f"  overhead observe      = {100 * med['observe'] / med['router']:.0f}% of a router forward (no matmul)")
-    print(f"  overhead observe+loss = {100 * med['observe+loss'] / med['router']:.0f}% (forward + backward of the loss)")
+    share = 100 * med["observe+loss"] / med["router"]
+    print(f"  overhead observe+loss = {share:.0f}% (forward + backward of the loss)")
     print(f"  step() for {L} layers: {step_ms:.2f} ms, all-reduce calls per step: 1 when distributed (0 here)")
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     balancer = attach(accelerator, model, optimizer, bias_update="sign", aux_loss="global_batch")  # <-- added
-    for i, batch in enumerate(loader):
+    for batch in loader:
         with accelerator.accumulate(model):
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             accelerator.backward(loss)

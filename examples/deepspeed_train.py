@@ -36,7 +36,7 @@ def main() -> None:
     engine, _, loader, _ = mb_ds.initialize(model=model, model_parameters=model.parameters(), config=config,
                                             training_data=ByteWindows(train, 64, 50_000))
     balancer = mb_ds.balancer(engine)
-    for i, batch in enumerate(loader):
+    for batch in loader:
         loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         engine.backward(loss)
         engine.step()

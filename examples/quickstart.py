@@ -21,19 +21,13 @@ import torch
 
 import moe_balance as mb
 from moe_balance.stats_log import StatsWriter
-from moe_balance.testing import batches, skew_routers, stdlib_corpus, tiny_model
+from moe_balance.testing import batches, evaluate_heldout, skew_routers, stdlib_corpus, tiny_model
 
 
-@torch.no_grad()
-def evaluate(model, balancer, val, n_batches=8):
+def evaluate(model, balancer, val):
     """Held-out LM loss and balance, without touching the bias."""
-    windows, losses = batches(val, 16, 128, seed=123), []
-    with balancer.measuring():
-        for _ in range(n_batches):
-            ids = next(windows)
-            losses.append(float(model(input_ids=ids, labels=ids).loss))
-    m = balancer.metrics()
-    return {"val loss": sum(losses) / len(losses), "MaxVio": m["maxvio_global"], "dead experts": m["dead_experts"],
+    loss, m = evaluate_heldout(model, balancer, val, n_batches=8)
+    return {"val loss": loss, "MaxVio": m["maxvio_global"], "dead experts": m["dead_experts"],
             "CV": m["cv"], "dropped @cf1": m["dropped@1"]}, balancer.load_matrix().tolist()
 
 

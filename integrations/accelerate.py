@@ -20,7 +20,8 @@ What ``attach`` does: unwraps and patches the model's routers; scales the attach
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from moe_balance._optional import require
 from moe_balance.balancer import Balancer

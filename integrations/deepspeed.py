@@ -26,15 +26,14 @@ Without a ``"moe_balance"`` entry, ``initialize`` warns and behaves exactly like
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import warnings
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from moe_balance._optional import require
 from moe_balance.balancer import Balancer
-from moe_balance.config import BalanceConfig
+from moe_balance.config import BalanceConfig, read_deepspeed_entry
 from moe_balance.patching import api as patching
 from moe_balance.stats_log import prefixed
 
@@ -45,17 +44,6 @@ ENTRY = "moe_balance"
 CLIENT_STATE_KEY = "moe_balance"
 
 
-def read_entry(config: Any) -> Mapping[str, Any] | None:
-    """The ``"moe_balance"`` entry of a DeepSpeed config (dict, JSON path or None)."""
-    if config is None:
-        return None
-    if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
-    if not isinstance(config, Mapping):
-        return None
-    return config.get(ENTRY)
-
-
 def initialize(*args: Any, **kwargs: Any):
     """``deepspeed.initialize`` with moe_balance driven by the config's ``"moe_balance"`` entry."""
     import deepspeed
@@ -64,7 +52,7 @@ def initialize(*args: Any, **kwargs: Any):
     config = params.get("config") or params.get("config_params")
     if config is None and getattr(params.get("args"), "deepspeed_config", None):
         config = params["args"].deepspeed_config
-    entry = read_entry(config)
+    entry = read_deepspeed_entry(config, ENTRY)
     if entry is None:
         warnings.warn("moe_balance: the DeepSpeed config has no \"moe_balance\" entry; nothing is balanced "
                       "(add e.g. \"moe_balance\": {\"bias_update\": \"sign\"})", UserWarning, stacklevel=2)

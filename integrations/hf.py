@@ -29,13 +29,14 @@ import logging
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 
 from moe_balance._optional import require
 from moe_balance.balancer import Balancer
-from moe_balance.config import BalanceConfig, resolve_config
+from moe_balance.config import BalanceConfig, read_deepspeed_entry, resolve_config
 from moe_balance.patching import api as patching
 from moe_balance.stats_log import StatsWriter, prefixed
 
@@ -46,16 +47,6 @@ from transformers.trainer_callback import ExportableState  # noqa: E402
 logger = logging.getLogger("moe_balance")
 STATE_FILE = "moe_balance.pt"
 STATS_FILE = "moe_balance_stats.jsonl"
-
-
-def deepspeed_entry(deepspeed_arg: Any) -> Mapping[str, Any] | None:
-    """The ``"moe_balance"`` entry of a DeepSpeed config given as a dict or a JSON file path."""
-    if deepspeed_arg is None:
-        return None
-    config = deepspeed_arg
-    if isinstance(deepspeed_arg, (str, os.PathLike)):
-        config = json.loads(Path(deepspeed_arg).read_text())
-    return config.get("moe_balance") if isinstance(config, Mapping) else None
 
 
 def merge_config(explicit: Mapping[str, Any], entry: Mapping[str, Any] | None) -> BalanceConfig:
@@ -142,7 +133,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ setup
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self.config = merge_config(self._explicit, deepspeed_entry(getattr(args, "deepspeed", None)))
+        self.config = merge_config(self._explicit, read_deepspeed_entry(getattr(args, "deepspeed", None)))
         if model is None:
             raise ValueError("MoEBalanceCallback needs the Trainer's model")
         existing = patching.patch_state_of(model)
@@ -155,6 +146,9 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         if trainer is not None:
             self._trainer_ref = weakref.ref(trainer)
             self._wrap_trainer(trainer)
+            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+            if scaler is not None:  # fp16: the backward runs at the GradScaler's scale (kept on device)
+                patch_state.grad_scale = lambda: scaler._scale if scaler._scale is not None else scaler.get_scale()
         else:
             logger.warning("moe_balance: Trainer not found from the callback; metrics go to log_history only "
                            "and resume restores the balancer from trainer_state.json")

@@ -18,7 +18,8 @@ import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -151,7 +152,8 @@ class Balancer(nn.Module):
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise IndexError(f"observe: layer={layer!r} out of range [0, {self.num_layers})")
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-            raise TypeError(f"observe: router_logits must be a floating tensor, got {getattr(logits, 'dtype', type(logits))}")
+            got = getattr(logits, "dtype", type(logits))
+            raise TypeError(f"observe: router_logits must be a floating tensor, got {got}")
         if logits.dim() == 3:
             seq_len = seq_len or logits.shape[1]
             logits = logits.reshape(-1, logits.shape[-1])
@@ -290,7 +292,7 @@ class Balancer(nn.Module):
         self._pending = []
 
     @contextmanager
-    def measuring(self) -> Iterator["Balancer"]:
+    def measuring(self) -> Iterator[Balancer]:
         """Measure balance (e.g. on an eval set) without touching the bias or the train window.
 
         Example:
@@ -411,7 +413,7 @@ class Balancer(nn.Module):
         torch.save(self.state_dict(), path)
         return path
 
-    def load(self, path: str | Path) -> "Balancer":
+    def load(self, path: str | Path) -> Balancer:
         self.load_state_dict(torch.load(path, map_location=self.bias_LE.device, weights_only=False))
         return self
 

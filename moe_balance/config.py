@@ -18,8 +18,11 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
+from collections.abc import Mapping
 
 AUX_LOSSES = ("none", "switch", "seq", "global_batch", "importance_cv", "load_cv",
               "kl_uniform", "entropy")
@@ -168,14 +171,14 @@ class BalanceConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BalanceConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> BalanceConfig:
         """Build from a mapping; an unknown key raises with a "did you mean" suggestion."""
         if not isinstance(data, Mapping):
             raise ValueError(f"moe_balance config must be a mapping of field names, got {type(data).__name__}")
         _check_keys(data)
         return cls(**dict(data))
 
-    def replace(self, **changes: Any) -> "BalanceConfig":
+    def replace(self, **changes: Any) -> BalanceConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -186,6 +189,15 @@ def _check_keys(data: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown moe_balance config key {key!r}{hint} Known keys: {known}")
+
+
+def read_deepspeed_entry(ds_config: Any, key: str = "moe_balance") -> Mapping[str, Any] | None:
+    """The ``"moe_balance"`` entry of a DeepSpeed config given as a dict or a JSON file path (or None)."""
+    if ds_config is None:
+        return None
+    if isinstance(ds_config, (str, os.PathLike)):
+        ds_config = json.loads(Path(ds_config).read_text())
+    return ds_config.get(key) if isinstance(ds_config, Mapping) else None
 
 
 def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **overrides: Any) -> BalanceConfig:
@@ -199,5 +211,5 @@ def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **ov
     return base
 
 
-__all__ = ["BalanceConfig", "resolve_config", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SCHEDULES",
+__all__ = ["BalanceConfig", "resolve_config", "read_deepspeed_entry", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SCHEDULES",
            ]

@@ -44,12 +44,17 @@ _TINY_EXTRA: dict[str, dict] = {
     "qwen3_next": dict(decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=32,
                        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
-    "deepseek_v2": dict(num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+    "deepseek_v2": dict(num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+                        q_lora_rank=None,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
                         topk_method="group_limited_greedy"),
-    "deepseek_v3": dict(num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+    "deepseek_v3": dict(num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+                        q_lora_rank=16,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
     "glm4_moe": dict(n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
+    "glm4_moe_lite": dict(num_key_value_heads=4),
+    "glm_moe_dsa": dict(num_key_value_heads=4, first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"]),
+    "axk2": dict(num_key_value_heads=4),
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
                   mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False),
@@ -58,7 +63,8 @@ _TINY_EXTRA: dict[str, dict] = {
     "granitemoehybrid": dict(shared_intermediate_size=32, layer_types=["attention", "mamba"],
                              mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1),
     "minimax": dict(layer_types=["full_attention", "full_attention"], block_size=16),
-    "longcat_flash": dict(num_key_value_heads=4, num_layers=1, ffn_hidden_size=64, expert_ffn_hidden_size=32, zero_expert_num=0,
+    "longcat_flash": dict(num_key_value_heads=4, num_layers=1, ffn_hidden_size=64, expert_ffn_hidden_size=32,
+                          zero_expert_num=0,
                           kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                           v_head_dim=8),
     "lfm2_moe": dict(num_dense_layers=0, layer_types=["full_attention", "full_attention"]),
@@ -157,14 +163,21 @@ def skew_routers(model: torch.nn.Module, sample_ids: torch.Tensor, strength: flo
 
 
 @torch.no_grad()
+def evaluate_heldout(model: torch.nn.Module, balancer, data: torch.Tensor, n_batches: int = 12,
+                     batch_size: int = 16, seq_len: int = 128, seed: int = 123) -> tuple[float, dict[str, float]]:
+    """Mean LM loss and balance metrics over a fixed held-out sample; the bias is untouched."""
+    windows, losses = batches(data, batch_size, seq_len, seed=seed), []
+    with balancer.measuring():
+        for _ in range(n_batches):
+            ids = next(windows)
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    return sum(losses) / len(losses), balancer.metrics()
+
+
 def eval_maxvio(model: torch.nn.Module, balancer, data: torch.Tensor, n_batches: int = 12,
                 batch_size: int = 16, seq_len: int = 128) -> float:
     """MaxVio_global over a fixed held-out sample (thousands of tokens), bias untouched."""
-    windows = batches(data, batch_size, seq_len, seed=123)
-    with balancer.measuring():
-        for _ in range(n_batches):
-            model(input_ids=next(windows))
-    return balancer.metrics()["maxvio_global"]
+    return evaluate_heldout(model, balancer, data, n_batches, batch_size, seq_len)[1]["maxvio_global"]
 
 
 def train_skewed(model_type: str, steps: int, seed: int = 0, skew: float = 3.0, lr: float = 1e-3,

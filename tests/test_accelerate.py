@@ -38,7 +38,7 @@ def test_bias_updates_once_per_accumulated_step_and_balance_improves():
     val, _ = stdlib_corpus(max_bytes=300_000, split="val")
     start = eval_maxvio(acc.unwrap_model(model), bal, val, n_batches=4)
     updates = []
-    for i, batch in enumerate(loader):
+    for batch in loader:
         with acc.accumulate(model):
             acc.backward(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
             opt.step()

@@ -169,3 +169,20 @@ def test_skipped_optimizer_step_does_not_move_the_bias(tmp_path):
         cb.on_step_end(trainer.args, trainer.state, trainer.control, optimizer=Skipped())
     assert torch.count_nonzero(cb.balancer.bias_LE) == 0 and cb.balancer.num_steps == 0
     assert cb.balancer.current_window()["tokens_L"].sum() == 0
+
+
+def test_reporters_see_the_metrics(tmp_path):
+    """Metrics are in the logs dict every callback gets, reporters placed before ours included."""
+    seen = []
+
+    class Reporter(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+    train_ds, _ = datasets(n_train=32)
+    trainer = Trainer(model=load(saved_checkpoint("mixtral", tmp_path / "c")),
+                      args=args(tmp_path / "o", max_steps=4, logging_steps=2, report_to=[]),
+                      train_dataset=train_ds, callbacks=[Reporter(), MoEBalanceCallback(log_per_layer=True)])
+    trainer.train()
+    train_logs = [s for s in seen if "loss" in s]
+    assert len(train_logs) == 2
+    assert all("moe_balance/maxvio_global" in s and "moe_balance/layer1/maxvio_global" in s for s in train_logs)

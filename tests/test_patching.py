@@ -291,3 +291,12 @@ def test_compiled_fullgraph_forward_counts_tokens():
         got = compiled(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert bal.current_window()["tokens_L"].tolist() == [24.0, 24.0]
+
+
+def test_every_installed_moe_architecture_is_classified():
+    """A new transformers MoE architecture fails here until it is verified, unsupported or listed."""
+    from moe_balance.patching.registry import UNSUPPORTED, UNVERIFIED, discover_moe_model_types
+    discovered = discover_moe_model_types()
+    assert len(discovered) > 40
+    unclassified = [t for t in discovered if t not in MODEL_TYPES and t not in UNSUPPORTED and t not in UNVERIFIED]
+    assert not unclassified, f"classify these model types in moe_balance/patching/registry.py: {unclassified}"

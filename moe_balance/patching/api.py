@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -109,6 +110,10 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
                                     f"(num_experts, top_k): {sorted(map(str, shapes))}; register them with "
                                     "num_experts=/top_k= getters")
     num_experts, top_k = shapes.pop()
+    if model_type in registry.UNVERIFIED:
+        warnings.warn(f"moe_balance: model_type {model_type!r} is patched by auto-detection but not verified bit-exact "
+                      f"here ({registry.UNVERIFIED[model_type]}); check outputs once with a zero bias", UserWarning,
+                      stacklevel=2)
     balancer = Balancer(cfg, num_layers=len(usable), num_experts=num_experts, top_k=top_k,
                         process_group=process_group)
     params = list(model.parameters())

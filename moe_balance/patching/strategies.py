@@ -43,7 +43,7 @@ class PatchState:
     mask_BS: torch.Tensor | None = None
     measuring: bool = True
     selftest_hits: set[int] | None = None
-    sites: list["RouterSite"] = field(default_factory=list)
+    sites: list[RouterSite] = field(default_factory=list)
     hook_ids: list[int] = field(default_factory=list)
     saved_output_router_logits: Any = None
 

@@ -1,0 +1,52 @@
+"""Smoke tests: the benchmark scripts run at toy size and write outputs that parse (not their speed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, cwd) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quality_quick_smoke(tmp_path):
+    out = run(str(ROOT / "benchmarks" / "quality.py"), "--quick", "--steps", "6", "--seeds", "2",
+              "--methods", "none,sign_1e-3,global_batch_1e-2,hf_aux_1e-2", "--eval-batches", "2",
+              "--out", str(tmp_path), cwd=tmp_path)
+    assert "file-list hash" in out
+    rows = list(csv.DictReader((tmp_path / "quality_quick.csv").open()))
+    assert len(rows) == 8 and {r["method"] for r in rows} == {"none", "sign_1e-3", "global_batch_1e-2",
+                                                               "hf_aux_1e-2"}
+    for r in rows:
+        assert float(r["val_loss"]) > 0 and float(r["maxvio_global"]) >= 0 and float(r["step_ms"]) > 0
+    table = (tmp_path / "quality_quick.md").read_text()
+    assert table.count("\n| ") == 5  # header row + 4 methods
+    assert (tmp_path / "quality_quick_maxvio.png").exists()
+
+
+def test_overhead_toy_smoke(tmp_path):
+    out = run(str(ROOT / "benchmarks" / "overhead.py"), "--toy", "--steps", "2", "--warmup", "1",
+              "--archs", "mixtral", "--json", str(tmp_path / "o.json"), cwd=tmp_path)
+    assert "all-reduce calls per step: 1" in out
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert set(data["mixtral"]["step_ms"]) == {"unpatched", "bias", "bias+aux+z", "hf_aux"}
+    assert data["step_60x256"]["calls"] == data["step_60x256"]["steps"] == 5
+
+
+def test_core_overhead_smoke(tmp_path):
+    out = run(str(ROOT / "benchmarks" / "core_overhead.py"), "--tokens", "256", "--experts", "16", "--top-k", "2",
+              "--layers", "4", "--repeats", "2", cwd=tmp_path)
+    assert "overhead observe" in out and "step() for 4 layers" in out
