@@ -8,8 +8,9 @@ Variants, timed interleaved (one step of each in turn) after warm-up, median of 
   bias                 patched, loss-free bias only (sign rule)
   bias+aux+z           patched, bias + global-batch aux loss + z-loss (attached to the router outputs)
   hf_aux               stock model with transformers' own output_router_logits=True aux loss
-A step is forward + backward + AdamW step (+ Balancer.step where patched). Peak memory is the
-peak RSS of a separate process running that variant alone. Last, Balancer.step() for 60 layers x
+A step is forward + backward + AdamW step (+ Balancer.step where patched). Memory is what autograd
+saves for backward in one forward (unique storages; deterministic, unlike RSS), measured in a
+separate process for each variant. Last, Balancer.step() for 60 layers x
 256 experts, and the all-reduce calls per step counted in a real 2-process gloo group.
 """
 
@@ -75,17 +76,31 @@ def time_arch(arch: str, toy: bool, steps: int, warmup: int) -> dict[str, float]
     return {v: 1e3 * statistics.median(s) for v, s in samples.items()}
 
 
-def peak_rss_mb(arch: str, variant: str, toy: bool, steps: int) -> float:
-    """Peak RSS of a fresh process that builds one variant and runs a few steps."""
-    code = (f"import sys; sys.argv=['x']; import benchmarks.overhead as o; import torch, resource;"
-            f"s,b,q=o.sizes_for({toy}); m,bal,opt=o.build({arch!r},{variant!r},s);"
-            f"ids=torch.randint(0,256,(b,q));"
-            f"[o.one_step(m,bal,opt,ids) for _ in range({steps})];"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+def saved_for_backward_mb(arch: str, variant: str, toy: bool, steps: int) -> float:
+    """Bytes autograd saves for backward in one forward (unique storages), in MB: the activation
+    memory a variant adds. Deterministic, unlike RSS, which the allocator's caching blurs."""
+    sizes, batch, seq = sizes_for(toy)
+    model, balancer, optimizer = build(arch, variant, sizes)
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(seen.values()) / 2**20
+
+
+def saved_memory_mb(arch: str, variant: str, toy: bool, steps: int) -> float:
+    """Saved-activation memory (see :func:`saved_for_backward_mb`) measured in a fresh process."""
+    code = (f"import benchmarks.overhead as o; print(o.saved_for_backward_mb({arch!r}, {variant!r}, {toy}, {steps}))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root}, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _count_allreduce(rank: int, world: int, port: int, out: str) -> None:
@@ -134,12 +149,12 @@ def main(argv=None) -> int:
     results: dict = {}
     for arch in args.archs.split(","):
         ms = time_arch(arch, args.toy, args.steps, args.warmup)
-        mem = {v: peak_rss_mb(arch, v, args.toy, 3) for v in VARIANTS}
-        results[arch] = {"step_ms": ms, "peak_rss_mb": mem}
+        mem = {v: saved_memory_mb(arch, v, args.toy, 3) for v in VARIANTS}
+        results[arch] = {"step_ms": ms, "saved_memory_mb": mem}
         print(f"{arch}: median of {args.steps} interleaved steps (fwd+bwd+AdamW)")
         for v in VARIANTS:
-            print(f"  {v:<12} {ms[v]:8.1f} ms  x{ms[v] / ms['unpatched']:.3f}   peak RSS {mem[v]:7.0f} MB "
-                  f"(x{mem[v] / mem['unpatched']:.3f})")
+            print(f"  {v:<12} {ms[v]:8.1f} ms  x{ms[v] / ms['unpatched']:.3f}   saved for backward {mem[v]:7.1f} MB "
+                  f"(x{mem[v] / max(mem['unpatched'], 1e-9):.3f})")
     results["step_60x256"] = allreduce_per_step()
     r = results["step_60x256"]
     print(f"Balancer.step() 60 layers x 256 experts, 2 gloo ranks: {r['step_ms']:.2f} ms, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -76,8 +77,7 @@ def run_one(name: str, seed: int, args, train, val) -> dict:
         optimizer.zero_grad()
         balancer.step()
         times.append(time.perf_counter() - start)
-        if step % max(1, args.steps // 50) == 0:
-            curve.append((step, balancer.metrics()["maxvio_global"]))
+        curve.append((step, balancer.metrics()["maxvio_global"]))
     row = {"method": name, "seed": seed, **evaluate(model, balancer, val, args.eval_batches),
            "step_ms": 1e3 * statistics.median(times)}
     return {"row": row, "curve": curve}
@@ -158,10 +158,12 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    (out / f"quality_{tag}_curves.json").write_text(json.dumps(curves))
     try:
         from moe_balance.plot import plot_maxvio
         plot_maxvio({n: ([s for s, _ in c], [v for _, v in c]) for n, c in curves.items()},
-                    out / f"quality_{tag}_maxvio.png")
+                    out / f"quality_{tag}_maxvio.png", smooth=max(1, args.steps // 20),
+                    title=f"training-window MaxVio (seed 0, moving average of {max(1, args.steps // 20)} steps)")
     except ImportError:
         pass
     print()

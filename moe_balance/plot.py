@@ -34,9 +34,22 @@ def _shares(loads_LE: Sequence[Sequence[float]]) -> list[list[float]]:
     return out
 
 
-def draw_maxvio(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> None:
-    for label, (steps, values) in series.items():
-        ax.plot(steps, values, label=label)
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average (window 1 = raw)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def draw_maxvio(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], smooth: int = 1) -> None:
+    import matplotlib
+    colors = matplotlib.colormaps["tab20"].colors
+    for i, (label, (steps, values)) in enumerate(series.items()):
+        ax.plot(steps, _smooth(list(values), smooth), label=label, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2])
     ax.set_xlabel("step")
     ax.set_ylabel("MaxVio (max load / mean - 1)")
     ax.set_yscale("symlog", linthresh=0.1)
@@ -61,10 +74,13 @@ def draw_bias(ax, steps: Sequence[float], bias_TE: Sequence[Sequence[float]], la
     ax.grid(alpha=0.3)
 
 
-def plot_maxvio(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path) -> Path:
+def plot_maxvio(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                smooth: int = 1, title: str | None = None) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    draw_maxvio(ax, series)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    draw_maxvio(ax, series, smooth)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
