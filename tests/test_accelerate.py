@@ -17,7 +17,7 @@ from .conftest import ROOT, run_torchrun
 accelerate = pytest.importorskip("accelerate")
 from moe_balance.integrations.accelerate import attach  # noqa: E402
 
-SCRIPT = Path(__file__).parent / "dist" / "accelerate_run.py"
+SCRIPT = Path(__file__).parent / "workers" / "accelerate_run.py"
 
 
 def setup(ga=4, lr=1e-3, n=512, bs=4, shuffle=False):

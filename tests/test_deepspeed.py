@@ -11,7 +11,7 @@ from .conftest import run_torchrun
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / "dist" / "ds_run.py"
+SCRIPT = Path(__file__).parent / "workers" / "ds_run.py"
 ENV = {"DS_ACCELERATOR": "cpu"}
 
 

@@ -13,7 +13,7 @@ from moe_balance.testing import SkewedRouter
 from .conftest import run_torchrun
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / "dist" / "core_two_ranks.py"
+SCRIPT = Path(__file__).parent / "workers" / "core_two_ranks.py"
 
 
 def single_process_reference():

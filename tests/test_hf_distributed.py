@@ -14,7 +14,7 @@ import torch
 from .conftest import ROOT, free_port, run_torchrun
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / "dist" / "hf_two_ranks.py"
+SCRIPT = Path(__file__).parent / "workers" / "hf_two_ranks.py"
 
 
 def test_two_rank_trainer_biases_match_each_other_and_one_process(tmp_path):

@@ -1,0 +1,37 @@
+"""Run by torchrun: each rank routes its half of every global batch through one Balancer."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import moe_balance as mb
+from moe_balance.testing import SkewedRouter
+
+STEPS, E, K, T = 6, 8, 2, 512
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, f"expected 2 ranks, got {world}"
+    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3)
+    routers = [SkewedRouter(num_tokens=T, num_experts=E, top_k=K, seed=layer) for layer in range(2)]
+    grads = []
+    for _ in range(STEPS):
+        for layer, router in enumerate(routers):
+            logits, idx = router.route(bal.bias_LE[layer])  # same global batch on every rank
+            half = slice(rank * T // 2, (rank + 1) * T // 2)
+            mine = logits[half].clone().requires_grad_(True)
+            bal.observe(layer, mine, idx[half])
+            bal.loss().backward()
+            grads.append(mine.grad)
+        bal.step()
+    torch.save({"bias": bal.bias_LE, "calls": bal.reducer.calls, "grads": grads,
+                "metrics": bal.metrics()}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
