@@ -138,6 +138,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             raise ValueError("MoEBalanceCallback needs the Trainer's model")
         existing = patching.patch_state_of(model)
         if existing is not None:  # e.g. the same model handed to a second Trainer
+            logger.warning("moe_balance: the model was already patched; re-patching it with the callback's config")
             patching.unpatch(model)
         self.balancer = patching.patch(model, self.config, attach_loss=True)
         patch_state = patching.patch_state_of(model)
