@@ -164,10 +164,10 @@ def _disable_builtin_aux(model: nn.Module, cfg: BalanceConfig, patch_state: Patc
 
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     config = getattr(model, "config", None)
-    device = next(model.parameters()).device
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
     if not vocab:
         raise RuntimeError("cannot build a self-test input (no vocab_size); pass selftest=False")
+    device = next(model.parameters()).device
     ids = torch.arange(8, device=device).reshape(2, 4) % vocab
     inputs = {"input_ids": ids}
     if getattr(config, "is_encoder_decoder", False):
