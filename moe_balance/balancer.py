@@ -135,14 +135,19 @@ class Balancer(nn.Module):
             finite_T = finite_T & torch.isfinite(scores_TE.sum(-1))
         valid_T = finite_T if mask_T is None else finite_T & mask_T.bool()
         weight_T = valid_T.to(torch.float64)
+        # This micro-batch's expert counts, shared by the step window and the aux loss.
+        counts_E = torch.zeros(self.num_experts, dtype=torch.float64, device=weight_T.device)
+        counts_E.index_add_(0, idx_TK.reshape(-1).long(),
+                            weight_T[:, None].expand(-1, idx_TK.shape[1]).reshape(-1))
         if record:
-            self._count(layer, idx_TK, weight_T, mask_T, finite_T)
+            self._count(layer, counts_E, idx_TK.shape[1], weight_T, mask_T, finite_T)
             if dropped is not None:
                 self.reported_dropped_sum_L[layer] += dropped.detach().to(torch.float64)
                 self.reported_batches_L[layer] += 1
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
-        total = self._losses(layer, logits_TE, idx_TK, weight_T.float(), finite_T, scores_TE, seq_len, record)
+        total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, seq_len,
+                             record)
         if collect:
             self._pending.append(total)
         return total
@@ -181,12 +186,8 @@ class Balancer(nn.Module):
             raise ValueError(f"observe: seq_len={seq_len} does not divide T={T}")
         return logits, idx, mask, scores, seq_len
 
-    def _count(self, layer: int, idx_TK: torch.Tensor, weight_T: torch.Tensor,
+    def _count(self, layer: int, counts_E: torch.Tensor, K: int, weight_T: torch.Tensor,
                mask_T: torch.Tensor | None, finite_T: torch.Tensor) -> None:
-        K = idx_TK.shape[1]
-        weight_TK = weight_T[:, None].expand(-1, K).reshape(-1)
-        counts_E = torch.zeros(self.num_experts, dtype=torch.float64, device=weight_T.device)
-        counts_E.index_add_(0, idx_TK.reshape(-1).long(), weight_TK)
         n_valid = weight_T.sum()
         has_tokens = (n_valid > 0).to(torch.float64)
         self.counts_LE[layer] += counts_E
@@ -200,7 +201,8 @@ class Balancer(nn.Module):
         real_T = torch.ones_like(finite_T) if mask_T is None else mask_T.bool()
         self.skipped_tokens_L[layer] += (real_T & ~finite_T).sum().to(torch.float64)
 
-    def _losses(self, layer: int, logits_TE: torch.Tensor, idx_TK: torch.Tensor, weight_T: torch.Tensor,
+    def _losses(self, layer: int, logits_TE: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor,
+                weight_T: torch.Tensor,
                 finite_T: torch.Tensor, scores_TE: torch.Tensor | None, seq_len: int | None,
                 record: bool) -> torch.Tensor:
         cfg = self.config
@@ -212,10 +214,7 @@ class Balancer(nn.Module):
         counted = (weight_T.sum() > 0).to(torch.float64) * float(record)
         if cfg.uses_aux:
             probs_TE = scores_to_probs(safe_logits, cfg.score_func, safe_scores)
-            counts_E = torch.zeros(self.num_experts, dtype=torch.float32, device=weight_T.device)
-            counts_E.index_add_(0, idx_TK.reshape(-1).long(),
-                                weight_T[:, None].expand(-1, idx_TK.shape[1]).reshape(-1))
-            batch = RoutingBatch(safe_logits, probs_TE, weight_T, counts_E, idx_TK, self.top_k,
+            batch = RoutingBatch(safe_logits, probs_TE, weight_T, counts_E.float(), idx_TK, self.top_k,
                                  seq_len, self.global_f_LE[layer])
             aux = aux_loss(cfg.aux_loss, batch)
             self.aux_sum_L[layer] += aux.detach().double() * counted
