@@ -52,6 +52,24 @@ UNVERIFIED: dict[str, str] = {
 
 ROUTER_NAME = re.compile(r"(Router|Gate)$")
 
+# Fields that name a router's score function, on the router itself or on its config.
+SCORE_FUNC_FIELDS = ("expert_selection_fn", "scoring_func", "score_func", "router_score_function",
+                     "moe_router_score_function", "score_function")
+
+# model_type (or transformers package) -> how the router scores experts over all its logits, read from
+# its forward: softmax(logits), or sigmoid(logits) (normalised by the balancer's losses). Routers
+# that take a softmax over their top-k logits only (gpt_oss, granitemoe*) are softmax routers: the
+# renormalised top-k weights equal softmax(logits) gathered and renormalised.
+_SOFTMAX = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "olmoe",
+            "flex_olmo", "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "jamba",
+            "gpt_oss", "minimax", "hunyuan_v1_moe", "ernie4_5_moe", "lara_mini", "mellum", "deepseek_v2",
+            "longcat_flash", "cohere2_moe", "gemma4", "gemma4_text", "qwen4_exp", "qwen4_exp_text")
+_SIGMOID = ("llama4", "llama4_text", "minimax_m2", "lfm2_moe", "afmoe", "hy_v3", "hy_v4", "deepseek_v3",
+            "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1", "exaone_moe", "kolibri1",
+            "laguna", "mimo_v2_flash", "nemotron_h", "solar_open", "axk1", "axk2", "kimi_linear",
+            "bailing_hybrid", "dots3_note")
+SCORE_FUNCS: dict[str, str] = {**dict.fromkeys(_SOFTMAX, "softmax"), **dict.fromkeys(_SIGMOID, "sigmoid")}
+
 
 @dataclass
 class RouterSpec:
@@ -185,20 +203,60 @@ def original_class(module: torch.nn.Module) -> type:
     return getattr(type(module), "_mb_original_class", type(module))
 
 
-def detect(module: torch.nn.Module) -> tuple[str | None, str]:
+def detect(module: torch.nn.Module, config: Any = None) -> tuple[str | None, str]:
     """(strategy or None, score_func) for a router module, by registration or by inspection."""
     spec = registered_spec(module)
-    source = _forward_source(original_class(module))
-    score_func = "sigmoid" if "sigmoid" in source else "softmax"
+    score_func = score_func_of(module, config)
     if spec is not None:
-        return spec.strategy, spec.score_func or score_func
+        return spec.strategy, score_func
     if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
-        return "native_bias", "sigmoid"
-    if "topk" in source:
+        return "native_bias", score_func
+    if "topk" in _forward_source(original_class(module)):
         if getattr(module, "topk_method", None) == "group_limited_greedy":
             return "group_limited", score_func
         return "generic", score_func
     return None, score_func
+
+
+def score_func_of(module: torch.nn.Module, config: Any = None) -> str:
+    """How the router turns its logits into the scores it ranks and weights experts by.
+
+    In order: a registration, a field on the router or its config naming it (cohere2_moe's
+    ``expert_selection_fn`` can be either), the table of known architectures, and last a guess
+    from the forward source (routers with a native bias are not all sigmoid: longcat_flash is softmax).
+    """
+    spec = registered_spec(module)
+    if spec is not None and spec.score_func:
+        return spec.score_func
+    config = config if config is not None else getattr(module, "config", None)
+    for holder in (module, config, getattr(config, "text_config", None)):
+        named = _named_score_func(holder)
+        if named:
+            return named
+    for model_type in (transformers_package(module), getattr(config, "model_type", None)):
+        if model_type in SCORE_FUNCS:
+            return SCORE_FUNCS[model_type]
+    source = _forward_source(original_class(module))
+    return "sigmoid" if "sigmoid" in source and "softmax" not in source else "softmax"
+
+
+def _named_score_func(holder: Any) -> str | None:
+    if holder is None:
+        return None
+    for name in SCORE_FUNC_FIELDS:
+        value = getattr(holder, name, None)
+        if isinstance(value, str) and value.lower() in ("softmax", "sigmoid"):
+            return value.lower()
+    return None
+
+
+def transformers_package(module: torch.nn.Module) -> str | None:
+    """``transformers.models.<package>`` of the router's own class (usually its model_type)."""
+    for cls in original_class(module).__mro__:
+        parts = cls.__module__.split(".")
+        if len(parts) > 2 and parts[:2] == ["transformers", "models"]:
+            return parts[2]
+    return None
 
 
 def is_router_candidate(module: torch.nn.Module) -> bool:

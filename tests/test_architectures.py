@@ -1,0 +1,90 @@
+"""Per-architecture facts the balancer relies on: score functions, selection widths, recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_balance as mb
+from moe_balance.losses import scores_to_probs
+from moe_balance.testing import tiny_model
+
+ARCHS = sorted(mb.supported_architectures())
+
+
+def token_batch(seed: int = 0, B: int = 2, S: int = 12, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(3, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def observed_routing(model: torch.nn.Module) -> tuple[list[dict], list[tuple], dict[int, object]]:
+    """Patch ``model``, run one batch; return its routers as found, what each layer handed to the
+    balancer (logits, indices) and each patched router's own output."""
+    bal = mb.patch(model)
+    handed: list[tuple] = []
+    observe = bal.observe
+
+    def capture(layer, logits, idx, *args, **kwargs):
+        handed.append((layer, logits.detach(), idx.detach()))
+        return observe(layer, logits, idx, *args, **kwargs)
+    bal.observe = capture  # an instance attribute: the class and transformers stay untouched
+    outputs: dict[int, object] = {}
+    sites = mb.patching.patch_state_of(model).sites
+    hooks = [s.module.register_forward_hook(lambda m, a, out, layer=s.layer: outputs.setdefault(layer, out))
+             for s in sites]
+    try:
+        with torch.no_grad():
+            model(input_ids=token_batch())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    routers = [r for r in mb.find_routers(model) if r["strategy"] is not None]
+    mb.unpatch(model)
+    return routers, handed, outputs
+
+
+def router_weights(output: object, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """The weights the router itself gives its chosen experts, ``[T, K]``."""
+    T, K = idx_TK.shape
+    floats = [t.reshape(T, -1) for t in (output if isinstance(output, tuple) else (output,))
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() % T == 0]
+    for tensor in floats:
+        if tensor.shape[-1] == K:
+            return tensor.float()
+    for tensor in floats:  # llama4: E-wide sigmoid scores, the unchosen experts at 0
+        if tensor.shape[-1] == logits_TE.shape[-1] and not torch.equal(tensor, logits_TE.reshape(T, -1)):
+            return tensor.float().gather(-1, idx_TK)
+    raise AssertionError(f"no [T, K] weights in the router output {[tuple(t.shape) for t in floats]}")
+
+
+def balancer_probs(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """What the aux losses use: scores_to_probs with the router's sigmoid scores, as strategies.report passes."""
+    scores = torch.sigmoid(logits_TE.float()) if score_func == "sigmoid" else None
+    return scores_to_probs(logits_TE, score_func, scores)
+
+
+def assert_probs_match_router(model: torch.nn.Module) -> None:
+    routers, handed, outputs = observed_routing(model)
+    assert len(handed) == len(routers) >= 1
+    for layer, logits_TE, idx_TK in handed:
+        score_func = routers[layer]["score_func"]
+        logits_TE = logits_TE.reshape(idx_TK.shape[0], -1)
+        probs_TE = balancer_probs(logits_TE, score_func)
+        torch.testing.assert_close(probs_TE.sum(-1), torch.ones(len(probs_TE)))
+        # the router weights its chosen experts by its own scores (up to per-token normalisation and
+        # a constant scale): the balancer's probabilities must rank and weigh them the same way
+        ours = probs_TE.gather(-1, idx_TK)
+        theirs = router_weights(outputs[layer], logits_TE, idx_TK)
+        torch.testing.assert_close(ours / ours.sum(-1, keepdim=True), theirs / theirs.sum(-1, keepdim=True),
+                                   rtol=1e-4, atol=1e-6, msg=f"layer {layer} scored as {score_func}")
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_balancer_probabilities_are_the_routers_own_scores(model_type):
+    assert_probs_match_router(tiny_model(model_type))
+
+
+def test_cohere2_moe_score_function_follows_its_config():
+    sigmoid = tiny_model("cohere2_moe", expert_selection_fn="sigmoid", norm_topk_prob=True)
+    assert {r["score_func"] for r in mb.find_routers(sigmoid)} == {"sigmoid"}
+    assert_probs_match_router(sigmoid)
+    assert {r["score_func"] for r in mb.find_routers(tiny_model("cohere2_moe"))} == {"softmax"}
