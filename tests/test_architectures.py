@@ -32,8 +32,7 @@ def observed_routing(model: torch.nn.Module) -> tuple[list[dict], list[tuple], d
     hooks = [s.module.register_forward_hook(lambda m, a, out, layer=s.layer: outputs.setdefault(layer, out))
              for s in sites]
     try:
-        with torch.no_grad():
-            model(input_ids=token_batch())
+        model(input_ids=token_batch())  # with grad: a training forward, which the balancer records
     finally:
         for hook in hooks:
             hook.remove()
@@ -78,9 +77,10 @@ def assert_probs_match_router(model: torch.nn.Module) -> None:
                                    rtol=1e-4, atol=1e-6, msg=f"layer {layer} scored as {score_func}")
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
-def test_balancer_probabilities_are_the_routers_own_scores(model_type):
-    assert_probs_match_router(tiny_model(model_type))
+@pytest.mark.parametrize(("model_type", "overrides"), [pytest.param(t, {}, id=t) for t in ARCHS] + [
+    pytest.param("longcat_flash", {"zero_expert_num": 4}, id="longcat_flash-zero_experts")])
+def test_balancer_probabilities_are_the_routers_own_scores(model_type, overrides):
+    assert_probs_match_router(tiny_model(model_type, **overrides))
 
 
 def test_cohere2_moe_score_function_follows_its_config():
@@ -88,3 +88,24 @@ def test_cohere2_moe_score_function_follows_its_config():
     assert {r["score_func"] for r in mb.find_routers(sigmoid)} == {"sigmoid"}
     assert_probs_match_router(sigmoid)
     assert {r["score_func"] for r in mb.find_routers(tiny_model("cohere2_moe"))} == {"softmax"}
+
+
+def test_longcat_zero_experts_are_balanced_slots():
+    """8 routed + 4 zero-computation experts: the balancer sees, counts and biases all 12 slots."""
+    model = tiny_model("longcat_flash", zero_expert_num=4)
+    router = model.model.layers[0].mlp.router
+    assert mb.find_routers(model)[0]["num_experts"] == 12 == router.e_score_correction_bias.numel()
+    zero_slot = 8 + 2
+    with torch.no_grad():  # LongCat adds its bias to softmax scores: 10 forces every token into the slot
+        router.e_score_correction_bias[zero_slot] = 10.0
+    bal = mb.patch(model, bias_update_rate=1e-3)
+    assert bal.bias_LE.shape == (1, 12) and bal.bias_LE[0, zero_slot] == 10.0  # the master covers zero slots
+    bal.reset_window()
+    model(input_ids=token_batch())  # a training forward (grad on) is counted
+    counts_E = bal.current_window()["counts_LE"][0]
+    assert counts_E.shape == (12,) and counts_E[zero_slot] == 24 and counts_E.sum() == 48
+    bal.step()  # the sign rule pushes the overloaded zero slot down; the native buffer follows
+    assert bal.bias_LE[0, zero_slot] < 10.0
+    assert torch.equal(router.e_score_correction_bias, bal.bias_LE[0].to(router.e_score_correction_bias.dtype))
+    mb.unpatch(model)
+    assert router.e_score_correction_bias[zero_slot] == 10.0

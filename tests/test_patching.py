@@ -13,6 +13,10 @@ from moe_balance.patching.registry import MODEL_TYPES, detect
 from moe_balance.testing import tiny_model
 
 ARCHS = sorted(mb.supported_architectures())
+# (model_type, tiny-config overrides): every verified architecture, plus variants whose routing
+# differs from the tiny default (LongCat-Flash with zero-computation experts, as in its real config)
+CASES = [pytest.param(t, {}, id=t) for t in ARCHS] + [
+    pytest.param("longcat_flash", {"zero_expert_num": 4}, id="longcat_flash-zero_experts")]
 
 
 def lm_batch(seed=0, B=2, S=12, vocab=128):
@@ -37,9 +41,9 @@ def assert_same_run(a, b):
         assert torch.equal(a[2][name], b[2][name]), f"gradient of {name} differs"
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
-def test_zero_bias_patch_is_bit_identical_and_reversible(model_type, tmp_path):
-    model = tiny_model(model_type)
+@pytest.mark.parametrize(("model_type", "overrides"), CASES)
+def test_zero_bias_patch_is_bit_identical_and_reversible(model_type, overrides, tmp_path):
+    model = tiny_model(model_type, **overrides)
     model.train()
     batch = lm_batch()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -137,11 +141,10 @@ def test_padding_counts_match_unpadded():
             inp, mask = torch.cat([pad, ids], 1), torch.cat([pad, torch.ones_like(ids)], 1)
         else:
             inp, mask = torch.cat([ids, pad], 1), torch.cat([torch.ones_like(ids), pad], 1)
-        bal.reset_window()
-        with torch.no_grad():
+        with bal.measuring(), torch.no_grad():  # a no-grad forward counts only while measuring
             model(input_ids=inp, attention_mask=mask)
-        counts[side] = bal.current_window()["counts_LE"]
-        assert bal.current_window()["tokens_L"].tolist() == [8.0, 8.0]
+        counts[side] = bal.last_window["counts_LE"]
+        assert bal.last_window["tokens_L"].tolist() == [8.0, 8.0]
     # right padding leaves the real tokens' hidden states unchanged: identical counts
     assert torch.equal(counts["none"], counts["right"])
     # left padding shifts positions (RoPE offsets), so only the totals must match
@@ -163,12 +166,12 @@ def test_gradient_checkpointing_counts_once():
 
 
 def test_attached_loss_equals_explicit_loss():
-    """attach_loss=True puts exactly balancer.loss() into the gradients, scaled by loss_scale."""
+    """attach_loss=True puts exactly balancer.loss() into the gradients, scaled by backward_scale."""
     explicit, attached = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
     cfg = mb.BalanceConfig(aux_loss="switch", aux_loss_coef=0.1, z_loss_coef=1e-2)
     b1 = mb.patch(explicit, cfg)
     mb.patch(attached, cfg, attach_loss=True)
-    mb.patching.patch_state_of(attached).loss_scale = 0.5
+    mb.patching.patch_state_of(attached).backward_scale = lambda: 0.5
     batch = lm_batch()
     (explicit(**batch).loss + 0.5 * b1.loss()).backward()
     attached(**batch).loss.backward()

@@ -167,6 +167,7 @@ def router_shape(module: torch.nn.Module, config: Any) -> tuple[int | None, int 
     spec = registered_spec(module)
     experts = spec.num_experts(module) if spec and spec.num_experts else None
     top_k = spec.top_k(module) if spec and spec.top_k else None
+    experts = experts or native_bias_width(module)
     experts = experts or _first_attr(module, ("num_experts", "n_routed_experts", "num_local_experts"))
     top_k = top_k or _first_attr(module, ("top_k", "num_experts_per_tok", "moe_top_k"))
     for cfg in (config, getattr(config, "text_config", None)):
@@ -178,6 +179,22 @@ def router_shape(module: torch.nn.Module, config: Any) -> tuple[int | None, int 
     if experts is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         experts = weight.shape[0]
     return (int(experts) if experts else None, int(top_k) if top_k else None)
+
+
+def native_bias_width(module: torch.nn.Module) -> int | None:
+    """Slots a native-bias router ranks: its ``e_score_correction_bias`` is added to every one of them.
+
+    This can exceed the expert count. LongCat-Flash ranks ``n_routed_experts + zero_expert_num``
+    slots, the last ``zero_expert_num`` being zero-computation (identity) experts, while its
+    ``num_experts`` says ``n_routed_experts``. Balance is then over all ``n + z`` slots: each zero
+    expert is one slot, counted and biased like an FFN expert, as LongCat's own bias buffer covers
+    them all. Equal load over the slots gives each token ``k * n / (n + z)`` FFN experts on average:
+    8 of 12 with LongCat's defaults (n=512, z=256), the compute its zero experts are there to save.
+    """
+    bias = getattr(module, "e_score_correction_bias", None)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+        return int(bias.numel())
+    return None
 
 
 def registered_spec(module: torch.nn.Module) -> RouterSpec | None:
