@@ -8,16 +8,27 @@ from pathlib import Path
 
 
 def _meta_model(target: str):
-    """Build the model skeleton on the meta device: no weights are read or allocated."""
-    import torch
+    """The model skeleton on the meta device (no weights read or allocated) and where its config came from.
 
+    A model_type is described with transformers' default config for it (the real architecture:
+    meta tensors cost nothing); the tiny test config is only the fallback when that cannot be built.
+    """
     from ._optional import require
     transformers = require("transformers")
     if Path(target).exists():
-        config = transformers.AutoConfig.from_pretrained(target)
-    else:
-        from .testing import tiny_config
-        config = tiny_config(target)
+        return _build_on_meta(transformers.AutoConfig.from_pretrained(target)), f"config of {target}"
+    try:
+        return _build_on_meta(transformers.AutoConfig.for_model(target)), f"transformers' default {target} config"
+    except Exception as error:  # any failure of the default config falls back to the tiny one, saying why
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+    from .testing import tiny_config
+    note = f"the tiny test config of {target} (2 layers), because its default config could not be built ({reason})"
+    return _build_on_meta(tiny_config(target)), note
+
+
+def _build_on_meta(config):
+    import torch
+    import transformers
     with torch.device("meta"):
         try:
             return transformers.AutoModelForCausalLM.from_config(config)
@@ -27,10 +38,11 @@ def _meta_model(target: str):
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .patching import api, registry
-    model = _meta_model(args.target)
+    model, source = _meta_model(args.target)
     model_type = api.model_type_of(model)
     found = api.find_routers(model)
     print(f"model: {type(model).__name__} (model_type={model_type!r})")
+    print(f"built from {source}, on the meta device")
     if model_type in registry.UNSUPPORTED:
         print(f"unsupported: {registry.UNSUPPORTED[model_type]}")
     header = f"{'layer':>5}  {'module':<40} {'router class':<28} {'experts':>7} {'top_k':>5}  {'scoring':<8} strategy"
