@@ -38,6 +38,9 @@ _TINY_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_in
                     num_local_experts=8, num_experts=8, n_routed_experts=8, num_experts_per_tok=2,
                     max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
                     bos_token_id=1, eos_token_id=2)
+# Multi-head latent attention (DeepSeek-V3 style) at tiny sizes, one expert group
+_MLA = dict(num_key_value_heads=4, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)
 _TINY_EXTRA: dict[str, dict] = {
     "qwen2_moe": dict(shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     "qwen3_moe": dict(decoder_sparse_step=1, mlp_only_layers=[]),
@@ -70,6 +73,22 @@ _TINY_EXTRA: dict[str, dict] = {
     "lfm2_moe": dict(num_dense_layers=0, layer_types=["full_attention", "full_attention"]),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_layer_start_index=0, moe_num_shared_experts=0),
     "hunyuan_v1_moe": dict(moe_topk=2, num_shared_expert=1),
+    # linear-attention hybrids keep one full-attention layer: a cache of linear-attention layers alone
+    # cannot tell its sequence length (transformers raises in get_seq_length)
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                             shared_expert_intermediate_size=32),
+    "kimi_linear": dict(_MLA, mlp_layer_types=["sparse", "sparse"], layer_types=["linear_attention", "full_attention"],
+                        linear_head_dim=8, linear_num_heads=2),
+    "bailing_hybrid": dict(_MLA, mlp_layer_types=["sparse", "sparse"],
+                           layer_types=["linear_attention", "full_attention"], linear_head_dim=8, linear_num_heads=2),
+    # the sparse-attention indexer keeps index_topk keys per query: fewer than the test's 12 tokens
+    "deepseek_v32": dict(_MLA, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8, index_n_heads=2),
+    "axk1": dict(_MLA, mlp_layer_types=["sparse", "sparse"]),
+    # Gemma 4 names its top-k top_k_experts; hide the shared num_experts_per_tok so that is what is read
+    "gemma4_text": dict(enable_moe_block=True, top_k_experts=2, num_experts_per_tok=None,
+                        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                        hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
 }
 
 
@@ -84,9 +103,9 @@ def tiny_config(model_type: str, experts: int = 8, top_k: int = 2, **overrides):
     sizes = dict(num_local_experts=experts, num_experts=experts, n_routed_experts=experts,
                  num_experts_per_tok=top_k)
     extra = dict(_TINY_EXTRA.get(model_type, {}))
-    for name in ("moe_num_experts", "moe_k", "moe_topk"):
+    for name in ("moe_num_experts", "moe_k", "moe_topk", "top_k_experts"):
         if name in extra:
-            extra[name] = top_k if name in ("moe_k", "moe_topk") else experts
+            extra[name] = experts if name == "moe_num_experts" else top_k
     kwargs = {**_TINY_COMMON, **sizes, **extra, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -26,6 +26,8 @@ MODEL_TYPES: dict[str, str] = {
     "exaone_moe": "native_bias", "hy_v4": "native_bias", "kolibri1": "native_bias", "laguna": "native_bias",
     "mimo_v2_flash": "native_bias", "nemotron_h": "native_bias", "solar_open": "native_bias",
     "axk2": "native_bias",
+    "qwen3_5_moe_text": "generic", "gemma4_text": "generic",
+    "deepseek_v32": "native_bias", "kimi_linear": "native_bias", "bailing_hybrid": "native_bias", "axk1": "native_bias",
 }
 
 # model_type -> why it is not patched (yet); patch() raises with this text.
@@ -43,11 +45,10 @@ UNSUPPORTED: dict[str, str] = {
 # MoE causal LMs of the installed transformers that patch() will try by auto-detection, but whose
 # bit-exactness is not verified here because no tiny config of them could be built and run.
 UNVERIFIED: dict[str, str] = {
-    "axk1": "tiny config fails in attention", "bailing_hybrid": "tiny linear-attention cache fails",
-    "kimi_linear": "tiny linear-attention cache fails", "bamba": "tiny Mamba config rejected",
-    "deepseek_v32": "sparse-attention indexer needs long sequences", "dots3_note": "multimodal config",
-    "gemma4": "composite multimodal config", "llama4": "composite multimodal config (llama4_text is verified)",
-    "qwen3_5_moe": "composite multimodal config", "qwen4_exp": "tiny config incomplete",
+    "bamba": "tiny Mamba config rejected", "dots3_note": "multimodal config",
+    "gemma4": "composite multimodal config (gemma4_text is verified)",
+    "llama4": "composite multimodal config (llama4_text is verified)",
+    "qwen3_5_moe": "composite multimodal config (qwen3_5_moe_text is verified)", "qwen4_exp": "tiny config incomplete",
 }
 
 ROUTER_NAME = re.compile(r"(Router|Gate)$")
@@ -169,12 +170,12 @@ def router_shape(module: torch.nn.Module, config: Any) -> tuple[int | None, int 
     top_k = spec.top_k(module) if spec and spec.top_k else None
     experts = experts or native_bias_width(module)
     experts = experts or _first_attr(module, ("num_experts", "n_routed_experts", "num_local_experts"))
-    top_k = top_k or _first_attr(module, ("top_k", "num_experts_per_tok", "moe_top_k"))
+    top_k = top_k or _first_attr(module, ("top_k", "num_experts_per_tok", "moe_top_k", "top_k_experts"))
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is None:
             continue
         experts = experts or _first_attr(cfg, ("num_local_experts", "num_experts", "n_routed_experts"))
-        top_k = top_k or _first_attr(cfg, ("num_experts_per_tok", "moe_top_k", "top_k"))
+        top_k = top_k or _first_attr(cfg, ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts"))
     weight = getattr(module, "weight", None)
     if experts is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         experts = weight.shape[0]
