@@ -29,7 +29,7 @@ from .adaptive import AdaptiveCoef
 from .bias import BiasController
 from .config import BalanceConfig, resolve_config
 from .distributed import StepReducer
-from .losses import RoutingBatch, aux_loss, scores_to_probs, z_loss
+from .losses import RoutingBatch, aux_loss, scores_to_probs, segments_from_seq_len, z_loss
 
 # Window statistics, in the order they are stacked for the all-reduce: name -> per-layer width
 # (None = number of experts, "C" = number of capacity factors).
@@ -91,6 +91,9 @@ class Balancer(nn.Module):
                                  persistent=True)
         self.num_steps = 0
         self._has_ema = False
+        self._home_checked = False  # see _follow
+        self.window_index = 0  # counts window resets (patch adapters key per-window bookkeeping on it)
+        self.is_measuring = False  # inside measuring(): eval forwards are recorded too
         self._adaptive = AdaptiveCoef(self.config)
         self.aux_coef.fill_(self._adaptive.coef)
         self._bias = BiasController(self.config, self.bias_LE, self.ema_LE)
@@ -107,11 +110,27 @@ class Balancer(nn.Module):
             return (self.num_layers, len(self.config.capacity_factors))
         return (self.num_layers,)
 
+    # ------------------------------------------------------------------ device
+    def _follow(self, device: torch.device) -> None:
+        """Keep the state where the routers run.
+
+        Engines move a model after it was patched (the HF Trainer leaves placement to DeepSpeed, FSDP
+        or ``device_map``; ``deepspeed.initialize`` moves the module). The first router call of a
+        window decides the balancer's home, so the step's all-reduce runs on the routers' device
+        (NCCL needs CUDA tensors); routers elsewhere (``device_map`` over several GPUs) send their
+        counts home and read the bias from it.
+        """
+        if self._home_checked:
+            return
+        self._home_checked = True
+        if device != self.bias_LE.device:
+            self.to(device)
+
     # ------------------------------------------------------------------ observe
     def observe(self, layer: int, router_logits: torch.Tensor, topk_idx: torch.Tensor,
                 mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
-                seq_len: int | None = None, collect: bool = True, record: bool = True,
-                dropped: torch.Tensor | None = None) -> torch.Tensor:
+                seq_len: int | None = None, segment_ids: torch.Tensor | None = None, collect: bool = True,
+                record: bool = True, dropped: torch.Tensor | None = None) -> torch.Tensor:
         """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
 
         Args:
@@ -120,14 +139,17 @@ class Balancer(nn.Module):
             topk_idx: ``[T, K]`` (or ``[B, S, K]``) experts actually chosen, after any bias.
             mask: ``[T]`` or ``[B, S]``, true/1 for real tokens; padding is excluded exactly.
             scores: the router's own scores (e.g. sigmoid affinities) if not ``score_func(logits)``.
-            seq_len: tokens per sequence when ``T = B * S`` (needed by the ``seq`` loss).
+            seq_len: tokens per sequence when ``T = B * S`` (the ``seq`` loss needs sequence boundaries).
+            segment_ids: ``[T]`` integer id of the sequence each token belongs to, ids in ``[0, T)``, for
+                packed batches (several sequences per row); overrides ``seq_len``.
             collect: also keep the loss for ``loss()``; adapters that attach it themselves pass False.
             record: add to the step window; False only computes the loss (e.g. a gradient-checkpoint
                 recomputation, whose tokens were already counted in the first forward).
             dropped: share of assignments the router itself dropped at capacity (0-d tensor), if it has one.
         """
-        logits_TE, idx_TK, mask_T, scores_TE, seq_len = self._check(layer, router_logits, topk_idx,
-                                                                   mask, scores, seq_len)
+        logits_TE, idx_TK, mask_T, scores_TE, segments = self._check(layer, router_logits, topk_idx,
+                                                                    mask, scores, seq_len, segment_ids)
+        self._follow(logits_TE.device)
         # A row sum is non-finite iff a row holds NaN/Inf (or overflows, itself a broken router):
         # ~30x cheaper than isfinite(x).all(-1) on [8192, 256].
         finite_T = torch.isfinite(logits_TE.sum(-1))
@@ -140,20 +162,22 @@ class Balancer(nn.Module):
         counts_E.index_add_(0, idx_TK.reshape(-1).long(),
                             weight_T[:, None].expand(-1, idx_TK.shape[1]).reshape(-1))
         if record:
-            self._count(layer, counts_E, idx_TK.shape[1], weight_T, mask_T, finite_T)
+            home = self.bias_LE.device  # routers on other devices (device_map) send their counts home
+            self._count(layer, counts_E.to(home, non_blocking=True), idx_TK.shape[1], weight_T.to(home),
+                        None if mask_T is None else mask_T.to(home), finite_T.to(home))
             if dropped is not None:
-                self.reported_dropped_sum_L[layer] += dropped.detach().to(torch.float64)
+                self.reported_dropped_sum_L[layer] += dropped.detach().to(home, torch.float64)
                 self.reported_batches_L[layer] += 1
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
-        total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, seq_len,
+        total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, segments,
                              record)
         if collect:
             self._pending.append(total)
         return total
 
     def _check(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None,
-               scores: torch.Tensor | None, seq_len: int | None):
+               scores: torch.Tensor | None, seq_len: int | None, segment_ids: torch.Tensor | None):
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise IndexError(f"observe: layer={layer!r} out of range [0, {self.num_layers})")
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
@@ -184,7 +208,25 @@ class Balancer(nn.Module):
                 raise ValueError(f"observe: scores shape {tuple(scores.shape)} must be [T, {self.num_experts}]")
         if seq_len is not None and (seq_len < 1 or T % seq_len):
             raise ValueError(f"observe: seq_len={seq_len} does not divide T={T}")
-        return logits, idx, mask, scores, seq_len
+        segments = self._segments(T, seq_len, segment_ids, logits.device)
+        return logits, idx, mask, scores, segments
+
+    def _segments(self, T: int, seq_len: int | None, segment_ids: torch.Tensor | None,
+                  device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """``(segment_T, num_segments)`` for the sequence-wise loss; it refuses to guess."""
+        if segment_ids is not None:
+            if segment_ids.numel() != T or segment_ids.is_floating_point():
+                raise ValueError(f"observe: segment_ids must be {T} integers (one per token), got "
+                                 f"{segment_ids.dtype} with {segment_ids.numel()} elements")
+            if self.config.aux_loss != "seq":
+                return None
+            return segment_ids.reshape(T).to(device=device, dtype=torch.long), T  # T bounds the count: no sync
+        if self.config.aux_loss != "seq":
+            return None
+        if seq_len is None:
+            raise ValueError("observe: aux_loss='seq' needs sequence boundaries: pass [B, S, E] logits, seq_len= "
+                             "or segment_ids= (patched models take them from input_ids/position_ids)")
+        return segments_from_seq_len(T, seq_len, device)
 
     def _count(self, layer: int, counts_E: torch.Tensor, K: int, weight_T: torch.Tensor,
                mask_T: torch.Tensor | None, finite_T: torch.Tensor) -> None:
@@ -202,26 +244,28 @@ class Balancer(nn.Module):
         self.skipped_tokens_L[layer] += (real_T & ~finite_T).sum().to(torch.float64)
 
     def _losses(self, layer: int, logits_TE: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor,
-                weight_T: torch.Tensor,
-                finite_T: torch.Tensor, scores_TE: torch.Tensor | None, seq_len: int | None,
-                record: bool) -> torch.Tensor:
+                weight_T: torch.Tensor, finite_T: torch.Tensor, scores_TE: torch.Tensor | None,
+                segments: tuple[torch.Tensor, int] | None, record: bool) -> torch.Tensor:
+        """The layer's weighted loss, on the router's device; only the recorded values go home."""
         cfg = self.config
         # Zero out non-finite rows *before* any math so no NaN reaches the backward pass.
         safe_logits = torch.where(finite_T[:, None], logits_TE, torch.zeros_like(logits_TE))
         safe_scores = None if scores_TE is None else torch.where(finite_T[:, None], scores_TE,
                                                                   torch.zeros_like(scores_TE))
+        device, home = logits_TE.device, self.bias_LE.device
         total = safe_logits.new_zeros((), dtype=torch.float32)
-        counted = (weight_T.sum() > 0).to(torch.float64) * float(record)
+        counted = (weight_T.sum() > 0).to(home, torch.float64) * float(record)
         if cfg.uses_aux:
             probs_TE = scores_to_probs(safe_logits, cfg.score_func, safe_scores)
+            segment_T, num_segments = segments if segments is not None else (None, None)
             batch = RoutingBatch(safe_logits, probs_TE, weight_T, counts_E.float(), idx_TK, self.top_k,
-                                 seq_len, self.global_f_LE[layer])
+                                 segment_T, num_segments, self.global_f_LE[layer].to(device))
             aux = aux_loss(cfg.aux_loss, batch)
-            self.aux_sum_L[layer] += aux.detach().double() * counted
-            total = total + self.aux_coef * aux
+            self.aux_sum_L[layer] += aux.detach().to(home, torch.float64) * counted
+            total = total + self.aux_coef.to(device) * aux
         if cfg.z_loss_coef > 0:
             z = z_loss(safe_logits, weight_T)
-            self.z_sum_L[layer] += z.detach().double() * counted
+            self.z_sum_L[layer] += z.detach().to(home, torch.float64) * counted
             total = total + cfg.z_loss_coef * z
         self.loss_batches_L[layer] += counted
         return total
@@ -284,6 +328,8 @@ class Balancer(nn.Module):
     def _reset_window(self) -> None:
         for name, _ in _WINDOW_FIELDS:
             getattr(self, name).zero_()
+        self._home_checked = False
+        self.window_index += 1
 
     def reset_window(self) -> None:
         """Drop what was observed since the last step (e.g. after an aborted micro-batch)."""
@@ -303,16 +349,19 @@ class Balancer(nn.Module):
             [[8.0, 0.0, 0.0, 0.0]]
         """
         saved = {name: getattr(self, name).clone() for name, _ in _WINDOW_FIELDS}
-        saved_pending = self._pending
+        saved_pending, saved_index = self._pending, self.window_index
         self._reset_window()
         self._pending = []
+        self.is_measuring = True
         try:
             yield self
             self.step(update_bias=False)
         finally:
+            self.is_measuring = False
             for name, value in saved.items():
-                getattr(self, name).copy_(value)
+                getattr(self, name).copy_(value.to(getattr(self, name).device))
             self._pending = saved_pending
+            self.window_index = saved_index
 
     # ------------------------------------------------------------------ metrics
     def current_window(self) -> dict[str, torch.Tensor]:
@@ -390,7 +439,8 @@ class Balancer(nn.Module):
                              f"{[self.num_layers, self.num_experts, self.top_k]}")
         self.num_steps = int(state["num_steps"])
         self._has_ema = bool(state["has_ema"])
-        self._adaptive.coef = float(state["adaptive_coef"])
+        if self.config.adaptive_aux:  # otherwise the configured weight wins (a resumed run may change it)
+            self._adaptive.coef = float(state["adaptive_coef"])
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Restore a state saved by ``state_dict``; refuses a state of another ``[L, E]``."""
@@ -402,21 +452,33 @@ class Balancer(nn.Module):
                 raise ValueError(f"Balancer state {name!r} has shape {tuple(state_dict[name].shape)}, "
                                  f"expected {tuple(buf.shape)}")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.aux_coef.fill_(self._adaptive.coef)
         for callback in self.step_callbacks:
             callback(self)
         return result
 
     def save(self, path: str | Path) -> Path:
-        """Save the state (``torch.save``) to ``path``."""
+        """Save the state (``torch.save`` of tensors and plain types only) to ``path``."""
         path = Path(path)
         torch.save(self.state_dict(), path)
         return path
 
     def load(self, path: str | Path) -> Balancer:
-        self.load_state_dict(torch.load(path, map_location=self.bias_LE.device, weights_only=False))
+        """Load a state saved by :meth:`save`. Checkpoint folders are shared and downloaded, so
+        nothing is unpickled: ``weights_only=True`` accepts tensors and plain types only."""
+        self.load_state_dict(load_state_file(path, self.bias_LE.device))
         return self
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"bias_update={c.bias_update!r}, aux_loss={c.aux_loss!r}, z_loss_coef={c.z_loss_coef}")
+
+
+def load_state_file(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a saved balancer state without executing pickled code (tensors and plain types only)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError for anything that is not plain data
+        raise ValueError(f"moe_balance: {path} is not a plain balancer state (tensors and plain types); "
+                         f"refusing to unpickle it: {error}") from error

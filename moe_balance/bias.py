@@ -25,18 +25,23 @@ from .config import BalanceConfig
 
 
 def scheduled_rate(cfg: BalanceConfig, step: int) -> float:
-    """Update rate at optimizer step ``step`` (0-based), after warm-up and schedule."""
+    """Update rate at optimizer step ``step`` (0-based), after warm-up and schedule.
+
+    The schedule's clock starts when warm-up ends: with warm-up W and horizon H the rate is 0 for
+    steps ``< W``, follows the schedule over steps ``W .. W+H-1`` and is 0 from ``W+H`` on.
+    """
     if cfg.bias_freeze or step < cfg.bias_warmup_steps:
         return 0.0
     u = cfg.bias_update_rate
     if cfg.bias_schedule == "constant":
         return u
     horizon = cfg.bias_schedule_steps
-    if step >= horizon:
+    elapsed = step - cfg.bias_warmup_steps
+    if elapsed >= horizon:
         return 0.0
     if cfg.bias_schedule == "step":
         return u
-    progress = step / horizon
+    progress = elapsed / horizon
     if cfg.bias_schedule == "linear":
         return u * (1.0 - progress)
     return u * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine

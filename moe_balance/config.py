@@ -86,8 +86,8 @@ class BalanceConfig:
     bias_update: str = "sign"
     bias_update_rate: float = 1e-3
     bias_schedule: str = "constant"
-    """``constant``; ``step``: rate drops to 0 at ``bias_schedule_steps`` (DeepSeek-V3);
-    ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``."""
+    """``constant``; ``step``: rate drops to 0 after ``bias_schedule_steps`` updates (DeepSeek-V3);
+    ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``. The schedule starts when warm-up ends."""
     bias_schedule_steps: int = 0
     bias_warmup_steps: int = 0
     """Optimizer steps before the first bias update (loads are still measured)."""

@@ -31,7 +31,10 @@ class RoutingBatch:
     counts_E: torch.Tensor
     topk_idx_TK: torch.Tensor
     top_k: int
-    seq_len: int | None = None
+    segment_T: torch.Tensor | None = None
+    """Sequence id of each token (``[T]``, ids in ``[0, num_segments)``), for the ``seq`` loss."""
+    num_segments: int | None = None
+    """An upper bound on the number of sequences (T for packed batches: no host sync to count them)."""
     global_f_E: torch.Tensor | None = None
     """Load fractions scaled to mean 1 over the whole global batch (for ``global_batch``)."""
 
@@ -72,29 +75,39 @@ def global_batch_loss(b: RoutingBatch) -> torch.Tensor:
 
 
 def sequence_loss(b: RoutingBatch) -> torch.Tensor:
-    """DeepSeek-V3 sequence-wise loss: the ``f * P`` product per sequence, averaged over sequences."""
-    if b.seq_len is None:
-        return switch_loss(b)
-    num_experts = b.num_experts
-    probs_BSE = b.probs_TE.reshape(-1, b.seq_len, num_experts)
-    weight_BS = b.weight_T.reshape(-1, b.seq_len)
-    n_seq_tokens_B = weight_BS.sum(1)
-    p_BE = (weight_BS[..., None] * probs_BSE).sum(1) / n_seq_tokens_B.clamp_min(1.0)[:, None]
-    counts_BE = sequence_counts(b.topk_idx_TK, b.weight_T, b.seq_len, num_experts)
-    f_BE = counts_BE * (num_experts / counts_BE.sum(1, keepdim=True).clamp_min(1.0))
-    per_seq_B = (f_BE.to(p_BE.dtype) * p_BE).sum(1)
-    has_tokens_B = (n_seq_tokens_B > 0).to(per_seq_B.dtype)
-    return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
+    """DeepSeek-V3 sequence-wise loss: the ``f * P`` product per sequence, averaged over sequences.
+
+    Sequences are given by ``segment_T`` (rows of a padded batch, or the pieces of a packed row);
+    without them the loss would silently become the batch-wide Switch loss, so it refuses.
+    """
+    if b.segment_T is None or b.num_segments is None:
+        raise ValueError("the 'seq' aux loss needs sequence boundaries (segment_T); none were given")
+    num_experts, S = b.num_experts, b.num_segments
+    weight_T = b.weight_T.to(b.probs_TE.dtype)
+    p_sum_SE = b.probs_TE.new_zeros(S, num_experts).index_add(0, b.segment_T, weight_T[:, None] * b.probs_TE)
+    n_tokens_S = weight_T.new_zeros(S).index_add(0, b.segment_T, weight_T)
+    p_SE = p_sum_SE / n_tokens_S.clamp_min(1.0)[:, None]
+    counts_SE = sequence_counts(b.topk_idx_TK, b.weight_T, b.segment_T, S, num_experts)
+    f_SE = counts_SE * (num_experts / counts_SE.sum(1, keepdim=True).clamp_min(1.0))
+    per_seq_S = (f_SE.to(p_SE.dtype) * p_SE).sum(1)
+    has_tokens_S = (n_tokens_S > 0).to(per_seq_S.dtype)
+    return (per_seq_S * has_tokens_S).sum() / has_tokens_S.sum().clamp_min(1.0)
 
 
-def sequence_counts(topk_idx_TK: torch.Tensor, weight_T: torch.Tensor, seq_len: int,
-                    num_experts: int) -> torch.Tensor:
-    """Per-sequence expert counts ``[B, E]`` by scatter_add (compile friendly)."""
-    idx_BSK = topk_idx_TK.reshape(-1, seq_len, topk_idx_TK.shape[-1])
-    w_BSK = weight_T.reshape(-1, seq_len, 1).expand_as(idx_BSK).to(torch.float32)
-    counts_BE = torch.zeros(idx_BSK.shape[0], num_experts, dtype=torch.float32, device=weight_T.device)
-    return counts_BE.scatter_add_(1, idx_BSK.reshape(idx_BSK.shape[0], -1).long(),
-                                  w_BSK.reshape(idx_BSK.shape[0], -1))
+def sequence_counts(topk_idx_TK: torch.Tensor, weight_T: torch.Tensor, segment_T: torch.Tensor,
+                    num_segments: int, num_experts: int) -> torch.Tensor:
+    """Per-sequence expert counts ``[S, E]`` by one flat scatter_add (compile friendly)."""
+    K = topk_idx_TK.shape[-1]
+    flat_TK = segment_T.long()[:, None] * num_experts + topk_idx_TK.long()
+    w_TK = weight_T.to(torch.float32)[:, None].expand(-1, K)
+    counts = torch.zeros(num_segments * num_experts, dtype=torch.float32, device=weight_T.device)
+    return counts.scatter_add_(0, flat_TK.reshape(-1), w_TK.reshape(-1)).reshape(num_segments, num_experts)
+
+
+def segments_from_seq_len(num_tokens: int, seq_len: int, device: torch.device | str | None = None
+                          ) -> tuple[torch.Tensor, int]:
+    """``(segment_T, num_segments)`` for ``num_tokens`` tokens in rows of ``seq_len``."""
+    return torch.arange(num_tokens, device=device) // seq_len, num_tokens // seq_len
 
 
 def _cv_squared(x_E: torch.Tensor) -> torch.Tensor:

@@ -111,9 +111,14 @@ def test_bias_off_does_not_move():
 def test_schedule_warmup_clamp_freeze():
     from moe_balance.bias import scheduled_rate
     c = mb.BalanceConfig(bias_schedule="step", bias_schedule_steps=10, bias_warmup_steps=2)
-    assert [scheduled_rate(c, s) for s in (0, 1, 2, 9, 10)] == [0, 0, 1e-3, 1e-3, 0]
+    assert [scheduled_rate(c, s) for s in (0, 1, 2, 11, 12)] == [0, 0, 1e-3, 1e-3, 0]
     lin = mb.BalanceConfig(bias_schedule="linear", bias_schedule_steps=4)
     assert [scheduled_rate(lin, s) for s in range(5)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0])
+    # the decay starts where warm-up ends, not at step 0 (it used to be half over by then)
+    warm = mb.BalanceConfig(bias_schedule="linear", bias_schedule_steps=4, bias_warmup_steps=2)
+    assert [scheduled_rate(warm, s) for s in range(7)] == pytest.approx([0, 0, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0])
+    warm_cos = mb.BalanceConfig(bias_schedule="cosine", bias_schedule_steps=4, bias_warmup_steps=3)
+    assert scheduled_rate(warm_cos, 3) == pytest.approx(1e-3) and scheduled_rate(warm_cos, 5) == pytest.approx(5e-4)
     cos = mb.BalanceConfig(bias_schedule="cosine", bias_schedule_steps=4)
     assert scheduled_rate(cos, 2) == pytest.approx(5e-4)
     assert scheduled_rate(mb.BalanceConfig(bias_freeze=True), 5) == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moe_balance as mb
-from moe_balance.losses import RoutingBatch, scores_to_probs
+from moe_balance.losses import RoutingBatch, scores_to_probs, segments_from_seq_len
 
 
 def batch_from_probs(probs, chosen, weight=None, seq_len=None, global_f=None, top_k=None):
@@ -18,8 +18,9 @@ def batch_from_probs(probs, chosen, weight=None, seq_len=None, global_f=None, to
     counts_E = torch.zeros(probs_TE.shape[1]).index_add_(
         0, idx_TK.reshape(-1), weight_T[:, None].expand_as(idx_TK).reshape(-1))
     gf = None if global_f is None else torch.tensor(global_f)
+    segment_T, num_segments = segments_from_seq_len(len(probs), seq_len) if seq_len else (None, None)
     return RoutingBatch(probs_TE.log(), probs_TE, weight_T, counts_E, idx_TK,
-                        top_k or idx_TK.shape[1], seq_len, gf)
+                        top_k or idx_TK.shape[1], segment_T, num_segments, gf)
 
 
 # Two tokens, two experts, both choose expert 0:
@@ -74,7 +75,7 @@ def routing(E, K, balanced):
         chosen = torch.arange(K).expand(T, K)
     probs.scatter_(1, chosen, 1.0 / K)
     probs = probs / probs.sum(1, keepdim=True)
-    return batch_from_probs(probs.tolist(), chosen.tolist())
+    return batch_from_probs(probs.tolist(), chosen.tolist(), seq_len=len(probs))
 
 
 @pytest.mark.parametrize("K", [1, 2])
@@ -109,6 +110,36 @@ def test_losses_have_gradients_to_the_logits(name):
     probs = torch.softmax(logits, -1)
     idx = probs.topk(2).indices
     counts = torch.zeros(8).index_add_(0, idx.reshape(-1), torch.ones(64))
-    b = RoutingBatch(logits, probs, torch.ones(32), counts, idx, 2, 8, torch.linspace(0.5, 1.5, 8))
+    b = RoutingBatch(logits, probs, torch.ones(32), counts, idx, 2, *segments_from_seq_len(32, 8),
+                     torch.linspace(0.5, 1.5, 8))
     mb.aux_loss(name, b).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_seq_loss_refuses_to_guess_sequence_boundaries():
+    # Without boundaries it used to become the Switch loss silently (one "sequence" = the batch).
+    b = batch_from_probs(**SKEWED)
+    with pytest.raises(ValueError, match="sequence boundaries"):
+        mb.aux_loss("seq", b)
+    bal = mb.Balancer(mb.BalanceConfig(aux_loss="seq"), num_layers=1, num_experts=2, top_k=1)
+    logits = torch.randn(4, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="sequence boundaries"):
+        bal.observe(0, logits, logits.topk(1).indices)
+
+
+def test_packed_segments_equal_the_same_sequences_in_rows():
+    # Two sequences of 3 and 5 tokens packed in one row == the same two sequences padded to rows of 5.
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(8, 4, generator=g), -1)
+    idx = probs.topk(2).indices
+    packed = RoutingBatch(probs.log(), probs, torch.ones(8), torch.zeros(4), idx, 2,
+                          torch.tensor([0, 0, 0, 1, 1, 1, 1, 1]), 8)
+    rows_probs = torch.cat([probs[:3], torch.full((2, 4), 0.25), probs[3:]])
+    rows_idx = torch.cat([idx[:3], torch.zeros(2, 2, dtype=torch.long), idx[3:]])
+    weight = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1.0])
+    rows = RoutingBatch(rows_probs.log(), rows_probs, weight, torch.zeros(4), rows_idx, 2,
+                        *segments_from_seq_len(10, 5))
+    assert torch.allclose(mb.aux_loss("seq", packed), mb.aux_loss("seq", rows))
+    switch = RoutingBatch(probs.log(), probs, torch.ones(8),
+                          torch.zeros(4).index_add_(0, idx.reshape(-1), torch.ones(16)), idx, 2)
+    assert not torch.allclose(mb.aux_loss("seq", packed), mb.aux_loss("switch", switch))
