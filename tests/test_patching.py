@@ -227,17 +227,15 @@ def test_state_beside_checkpoint_restores_routing(tmp_path):
     model = tiny_model("mixtral")
     bal = mb.patch(model, bias_update_rate=2e-2)
     for step in range(10):
-        with torch.no_grad():
-            model(**lm_batch(step))
+        model(**lm_batch(step))  # training forwards (grad on) are the ones that count
         bal.step()
     bal.save(tmp_path / "moe_balance.pt")
     model.save_pretrained(tmp_path)
 
     def routed(m, b):
-        b.reset_window()
-        with torch.no_grad():
+        with b.measuring(), torch.no_grad():
             logits = m(**lm_batch(99, B=8, S=32)).logits
-        return logits, b.current_window()["counts_LE"]
+        return logits, b.last_window["counts_LE"]
     expected_logits, expected_counts = routed(model, bal)
     # (a reload of fused expert weights alone moves logits by ~1e-7, so compare routing exactly
     # and logits to that tolerance)
@@ -288,12 +286,12 @@ def test_compiled_fullgraph_forward_counts_tokens():
     batch = lm_batch()
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"]).logits
-        bal.reset_window()
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)
-        got = compiled(input_ids=batch["input_ids"]).logits
+        with bal.measuring():
+            got = compiled(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert bal.current_window()["tokens_L"].tolist() == [24.0, 24.0]
+    assert bal.last_window["tokens_L"].tolist() == [24.0, 24.0]
 
 
 def test_every_installed_moe_architecture_is_classified():

@@ -13,7 +13,8 @@ from torch import nn
 from ..balancer import Balancer
 from ..config import BalanceConfig, resolve_config
 from . import registry
-from .strategies import STRATEGIES, AttentionMaskHook, NativeBiasSync, PatchState, RouterSite
+from ..balancer import load_state_file
+from .strategies import STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias
 
 _ATTR = "_moe_balance"
 _CLASS_CACHE: dict[tuple[str, type], type] = {}
@@ -99,6 +100,8 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         if existing.balancer.config != cfg:
             raise ValueError("model is already patched with another config; call moe_balance.unpatch(model) first")
         return existing.balancer
+    # Read a saved state first: a bad file fails before the model is touched.
+    saved_state = load_state_file(state) if isinstance(state, (str, Path)) else state
     found = find_routers(model)
     usable = [f for f in found if f["strategy"] is not None]
     model_type = model_type_of(model)
@@ -125,29 +128,36 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         module = modules[info["name"]]
         site = RouterSite(info["name"], layer, module, type(module), info["strategy"], num_experts, top_k,
                           info["score_func"], patch_state)
-        if site.strategy == "native_bias":
-            site.native_original = module.e_score_correction_bias.detach().clone()
-            balancer.bias_LE[layer].copy_(module.e_score_correction_bias.detach().float())
+        parent = modules[info["name"].rpartition(".")[0]] if "." in info["name"] else model
+        native = find_native_bias(module, parent, num_experts)
+        if site.strategy == "native_bias" and native is None:
+            raise UnsupportedModelError(f"moe_balance: router {info['name']} was classified native_bias but holds no "
+                                        f"selection-bias buffer of {num_experts} experts")
+        if native is not None and site.strategy in ("native_bias", "generic"):
+            # The model adds its own bias buffer: the master (fp32) starts from it and is written back
+            # after every step, so save_pretrained ships the trained bias to stock transformers.
+            site.native_owner, site.native_attr = native
+            site.native_original = site.native_bias.detach().clone()
+            balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
         patch_state.sites.append(site)
-    native = [s for s in patch_state.sites if s.strategy == "native_bias"]
-    if native:
-        balancer.step_callbacks.append(NativeBiasSync(native))
+    native_sites = [s for s in patch_state.sites if s.native_owner is not None]
+    if native_sites:
+        balancer.step_callbacks.append(NativeBiasSync(native_sites))
     for site in patch_state.sites:
         site.module.__dict__["_mb_site"] = site
         site.module.__class__ = _balanced_class(site.strategy, site.original_class)
-    handle = model.register_forward_pre_hook(AttentionMaskHook(patch_state), with_kwargs=True)
+    handle = model.register_forward_pre_hook(BatchInfoHook(patch_state), with_kwargs=True)
     patch_state.hook_ids.append(handle.id)
     model.__dict__[_ATTR] = patch_state
     _disable_builtin_aux(model, cfg, patch_state)
-    if state is not None:
-        balancer.load_state_dict(torch.load(state, map_location="cpu", weights_only=False)
-                                 if isinstance(state, (str, Path)) else state)
-    if selftest:
-        try:
+    try:
+        if saved_state is not None:
+            balancer.load_state_dict(saved_state)
+        if selftest:
             run_selftest(model)
-        except Exception:
-            unpatch(model)
-            raise
+    except Exception:
+        unpatch(model)
+        raise
     return balancer
 
 
@@ -212,7 +222,8 @@ def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
         site.module.__dict__.pop("_mb_site", None)
         if site.native_original is not None and not keep_native_bias:
             with torch.no_grad():
-                site.module.e_score_correction_bias.copy_(site.native_original)
+                buf = site.native_bias
+                buf.copy_(site.native_original.to(buf.device))
     config = getattr(model, "config", None)
     saved = patch_state.saved_output_router_logits
     if config is not None and saved is not None:

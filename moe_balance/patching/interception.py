@@ -83,11 +83,14 @@ class SelectionInterceptor(TorchFunctionMode):
         return indices
 
     def _biased(self, x: torch.Tensor) -> torch.Tensor:
-        """What the selection ranks: ``x + b`` (no grad), keeping masked entries masked."""
+        """What the selection ranks: ``x + b`` in fp32 (no grad), keeping masked entries masked.
+
+        fp32 because a bf16 router would round a small bias away (0.002 next to scores near 0.5).
+        """
         x = x.detach()
         if self.bias_E is None:
             return x
-        choice = x + self.bias_E.to(x.dtype)
+        choice = x.float() + self.bias_E.to(x.device, torch.float32)
         if self.zero_is_masked:  # group-limited routers zero the scores of excluded groups
             choice = torch.where(x == 0, torch.full_like(x, float("-inf")), choice)
         return choice

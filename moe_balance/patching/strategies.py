@@ -7,27 +7,68 @@ reads ``_mb_site`` (a :class:`RouterSite`: layer index, shared patch state) from
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..scaling import BackwardScale, ScaleValue
 from .interception import SelectionInterceptor
 
 
 class AttachLoss(torch.autograd.Function):
-    """Identity on ``x`` whose backward also feeds ``scale`` into ``loss`` (Megatron's aux-loss scaler)."""
+    """Identity on ``x`` whose backward also feeds ``scale()`` into ``loss`` (Megatron's aux-loss scaler).
+
+    ``scale`` is read in the backward: a dynamic fp16 loss scale or a shorter last accumulation
+    window is the one the language-model loss of the same backward was scaled with.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        ctx.scale = scale  # a tensor (e.g. a GradScaler's) stays on device: no host sync
-        ctx.loss_shape = loss.shape
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: Callable[[], ScaleValue]) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.loss_shape, ctx.loss_device = loss.shape, loss.device
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
-        grad_loss = torch.ones(ctx.loss_shape, dtype=torch.float32, device=grad_x.device) * ctx.scale
+        scale = ctx.scale()
+        if isinstance(scale, torch.Tensor):  # e.g. a GradScaler's scale: stays on device, no host sync
+            scale = scale.to(ctx.loss_device, torch.float32)
+        grad_loss = torch.ones(ctx.loss_shape, dtype=torch.float32, device=ctx.loss_device) * scale
         return grad_x, grad_loss, None
+
+
+@dataclass
+class BatchInfo:
+    """What the top-level forward knew about the batch; routers only see flattened tokens."""
+
+    shape_BS: tuple[int, int] | None = None
+    mask_BS: torch.Tensor | None = None
+    position_ids_BS: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int | None:
+        return None if self.shape_BS is None else self.shape_BS[0] * self.shape_BS[1]
+
+    def mask_for(self, T: int) -> torch.Tensor | None:
+        mask = self.mask_BS
+        return mask.reshape(-1) if mask is not None and mask.numel() == T else None
+
+    def segments_for(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Sequence id per token: packed pieces (``cu_seq_lens`` or ``position_ids`` resets), else rows."""
+        if self.num_tokens != T:
+            return None
+        if self.cu_seqlens is not None and int(self.cu_seqlens.numel()) > 1:
+            ends = self.cu_seqlens.to(device)[1:]
+            return torch.searchsorted(ends, torch.arange(T, device=device), right=True).clamp_max(T - 1)
+        if self.position_ids_BS is not None:
+            starts_BS = self.position_ids_BS.to(device) == 0
+            starts_BS[:, 0] = True  # every row starts a sequence, whatever its first position
+            return starts_BS.reshape(-1).long().cumsum(0) - 1
+        return torch.arange(T, device=device) // self.shape_BS[1]
 
 
 @dataclass
@@ -36,16 +77,17 @@ class PatchState:
 
     balancer: Any
     attach_loss: bool = False
-    loss_scale: float = 1.0
-    """Factor on the attached loss gradient: 1 / gradient accumulation steps in the integrations."""
-    grad_scale: Any = None
-    """Optional callable giving the mixed-precision loss scale (fp16) the backward runs at."""
-    mask_BS: torch.Tensor | None = None
-    measuring: bool = True
+    backward_scale: Callable[[], ScaleValue] = field(default_factory=BackwardScale)
+    """Factor on the attached loss gradient (accumulation and fp16 loss scale; see ``moe_balance.scaling``)."""
+    batch: BatchInfo = field(default_factory=BatchInfo)
     selftest_hits: set[int] | None = None
     sites: list[RouterSite] = field(default_factory=list)
     hook_ids: list[int] = field(default_factory=list)
     saved_output_router_logits: Any = None
+    # Forwards recorded this window, per layer, whose gradient-checkpoint recomputation must not count again.
+    recorded_forwards: dict[int, int] = field(default_factory=dict)
+    recorded_window: int = -1
+    warned_recompute_attach: bool = False
 
 
 @dataclass
@@ -61,7 +103,17 @@ class RouterSite:
     top_k: int
     score_func: str
     state: PatchState
+    native_owner: torch.nn.Module | None = None
+    """Module holding the model's own selection-bias buffer (router, its child, or the MoE block)."""
+    native_attr: str | None = None
     native_original: torch.Tensor | None = None
+    attach_index: int | None = None
+    """Which router output carries the gate weights (the attached loss rides there); found once."""
+
+    @property
+    def native_bias(self) -> torch.Tensor | None:
+        """Looked up each time: moving the model replaces the buffer object."""
+        return None if self.native_owner is None else getattr(self.native_owner, self.native_attr)
 
 
 def in_backward_recompute() -> bool:
@@ -74,41 +126,91 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def should_record(site: RouterSite, recompute: bool) -> bool | None:
+    """Whether this router call adds to the training window: True, False (loss only), None (ignore).
+
+    * inside ``balancer.measuring()`` (evaluation): recorded, the bias is not moved by it;
+    * a forward without grad outside measuring (``generate``, an unwrapped eval loop): ignored;
+      also the first pass of *reentrant* checkpointing, which is recorded at its recomputation;
+    * a training forward (grad on): recorded once; its non-reentrant recomputation is not.
+    """
+    state, bal = site.state, site.state.balancer
+    if bal.is_measuring:
+        return True
+    if state.recorded_window != bal.window_index:
+        state.recorded_forwards, state.recorded_window = {}, bal.window_index
+    recorded = state.recorded_forwards.get(site.layer, 0)
+    if recompute:
+        if recorded > 0:
+            state.recorded_forwards[site.layer] = recorded - 1
+            return False
+        return True  # reentrant checkpointing: the first pass ran without grad and was not recorded
+    if not torch.is_grad_enabled():
+        return None
+    state.recorded_forwards[site.layer] = recorded + 1
+    return True
+
+
 def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, output: Any,
-           dropped: torch.Tensor | None = None) -> Any:
+           dropped: torch.Tensor | None = None, weights_hint: int | None = None) -> Any:
     """Hand one router call to the balancer; attach the loss to the router output if asked."""
     state = site.state
     if state.selftest_hits is not None:
         state.selftest_hits.add(site.layer)
         return output
-    if not state.measuring:
-        return output
     recompute = in_backward_recompute()
+    record = should_record(site, recompute)
+    if record is None:
+        return output
+    raw_logits = logits_TE
     logits_TE = logits_TE.reshape(-1, site.num_experts)
-    mask = state.mask_BS
-    mask_T = seq_len = None
-    if mask is not None and mask.dim() == 2 and mask.numel() == logits_TE.shape[0]:
-        mask_T, seq_len = mask.reshape(-1), mask.shape[1]
+    T = logits_TE.shape[0]
+    bal = state.balancer
+    segment_T = state.batch.segments_for(T, logits_TE.device) if bal.config.aux_loss == "seq" else None
     scores = torch.sigmoid(logits_TE.float()) if site.score_func == "sigmoid" else None
-    loss = state.balancer.observe(site.layer, logits_TE, idx_TK.reshape(logits_TE.shape[0], -1), mask_T,
-                                  scores=scores, seq_len=seq_len, collect=not state.attach_loss,
-                                  record=not recompute, dropped=dropped)
-    if state.attach_loss and loss.requires_grad:
-        scale = state.loss_scale * (state.grad_scale() if state.grad_scale is not None else 1.0)
-        return attach_to_output(output, loss, scale)
+    # A reentrant recomputation is the only pass with grad: its loss must be attached, whatever attach_loss says.
+    forced = recompute and record and not state.attach_loss
+    loss = bal.observe(site.layer, logits_TE, idx_TK.reshape(T, -1), state.batch.mask_for(T), scores=scores,
+                       segment_ids=segment_T, collect=not (state.attach_loss or recompute), record=record,
+                       dropped=dropped)
+    if forced and loss.requires_grad and not state.warned_recompute_attach:
+        state.warned_recompute_attach = True
+        warnings.warn("moe_balance: reentrant gradient checkpointing computes the balance loss during backward; "
+                      "it is attached to the router outputs there (balancer.loss() cannot hold it). "
+                      "Use attach_loss=True or non-reentrant checkpointing to silence this.",
+                      RuntimeWarning, stacklevel=2)
+    if (state.attach_loss or forced) and loss.requires_grad:
+        return attach_to_output(site, output, loss, raw_logits, weights_hint)
     return output
 
 
-def attach_to_output(output: Any, loss: torch.Tensor, scale: float) -> Any:
-    """Attach to the routing weights (used downstream), else the first tensor needing grad."""
+def _weights_index(output: tuple, logits: torch.Tensor, top_k: int) -> int | None:
+    """The output that carries the gate weights: a floating tensor with grad that is not the raw
+    logits (Llama 4 returns ``(scores, logits)``; most routers ``(logits, weights, indices)``),
+    preferring one ``top_k`` wide."""
+    candidates = [i for i, item in enumerate(output)
+                  if isinstance(item, torch.Tensor) and item.is_floating_point() and item.requires_grad
+                  and item.dim() >= 1 and item is not logits]
+    if not candidates:
+        return None
+    k_wide = [i for i in candidates if output[i].shape[-1] == top_k]
+    return (k_wide or candidates)[0]
+
+
+def attach_to_output(site: RouterSite, output: Any, loss: torch.Tensor, logits: torch.Tensor,
+                     weights_hint: int | None = None) -> Any:
+    """Attach ``loss`` to the gate-weight output (the tensor the experts' combination uses)."""
     items = list(output) if isinstance(output, tuple) else [output]
-    order = [1, 0] + list(range(2, len(items))) if len(items) > 1 else [0]
-    for i in order:
-        item = items[i]
-        if isinstance(item, torch.Tensor) and item.is_floating_point() and item.requires_grad:
-            items[i] = AttachLoss.apply(item, loss, scale)
-            return tuple(items) if isinstance(output, tuple) else items[0]
-    return output
+    if site.attach_index is None:
+        index = weights_hint if weights_hint is not None else _weights_index(tuple(items), logits, site.top_k)
+        if index is None:
+            raise RuntimeError(f"moe_balance: router {site.name} ({site.original_class.__name__}) returns no gate "
+                               "weights with grad to attach the balance loss to; use attach_loss=False and add "
+                               "balancer.loss() to your loss")
+        site.attach_index = index
+    index = site.attach_index
+    items[index] = AttachLoss.apply(items[index], loss, site.state.backward_scale)
+    return tuple(items) if isinstance(output, tuple) else items[0]
 
 
 class InterceptSelection:
@@ -120,7 +222,10 @@ class InterceptSelection:
 
     def forward(self, *args, **kwargs):
         site: RouterSite = self.__dict__["_mb_site"]
-        bias_E = site.state.balancer.bias_LE[site.layer] if site.state.balancer.config.uses_bias else None
+        # A model's own bias buffer (MiniMax-M2, Ernie 4.5, ...) is already added by its code and kept in
+        # sync with the master bias; adding ours on top would count it twice.
+        uses_bias = site.state.balancer.config.uses_bias and site.native_owner is None
+        bias_E = site.state.balancer.bias_LE[site.layer] if uses_bias else None
         mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
                                     self._mb_argmax, self._mb_clone_logits)
         with mode:
@@ -134,7 +239,9 @@ class InterceptSelection:
         if logits is None:
             logits = next(t for t in (output if isinstance(output, tuple) else (output,))
                           if isinstance(t, torch.Tensor) and t.shape[-1] == site.num_experts)
-        return report(site, logits, mode.indices, output, self._mb_dropped(output))
+        return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index)
+
+    _mb_weights_index: int | None = None  # None: found from the output (see _weights_index)
 
     def _mb_dropped(self, output) -> torch.Tensor | None:
         return None
@@ -157,6 +264,7 @@ class InterceptDeepSpeedGate(InterceptSelection):
 
     _mb_argmax = True
     _mb_clone_logits = True
+    _mb_weights_index = 1  # combine_weights; l_aux (index 0) reaches the loss only if the user adds it
 
     def _mb_dropped(self, output) -> torch.Tensor | None:
         if not isinstance(output, tuple):
@@ -199,19 +307,59 @@ class NativeBiasSync:
         if not balancer.config.uses_bias:
             return
         for site in self.sites:
-            buf = site.module.e_score_correction_bias
-            buf.copy_(balancer.bias_LE[site.layer].to(device=buf.device, dtype=buf.dtype))
+            buf = site.native_bias
+            buf.copy_(balancer.bias_LE[site.layer].reshape(buf.shape).to(device=buf.device, dtype=buf.dtype))
 
 
-class AttentionMaskHook:
-    """Forward pre-hook on the top-level model: routers never see the attention mask, so keep it."""
+NATIVE_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+def find_native_bias(router: torch.nn.Module, parent: torch.nn.Module | None,
+                     num_experts: int) -> tuple[torch.nn.Module, str] | None:
+    """The model's own selection-bias tensor for this router: on the router, a child of it
+    (Ernie 4.5's ``moe_statics``) or the MoE block that passes it in (MiniMax-M2, AFMoE, LFM2-MoE)."""
+    owners = [router, *router.children()] + ([parent] if parent is not None else [])
+    for owner in owners:
+        for attr in NATIVE_BIAS_NAMES:
+            value = getattr(owner, attr, None)
+            if isinstance(value, torch.Tensor) and value.numel() == num_experts and value.shape[-1] == num_experts:
+                return owner, attr
+    return None
+
+
+def _first_int_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids = args[0]  # model(input_ids) positionally
+    return ids if isinstance(ids, torch.Tensor) else None
+
+
+class BatchInfoHook:
+    """Forward pre-hook on the top-level model: routers see neither the attention mask nor where
+    sequences start, so keep both (by keyword; a positional 2nd argument may be anything)."""
 
     def __init__(self, state: PatchState) -> None:
         self.state = state
 
     def __call__(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")  # by keyword only: a positional 2nd argument may be anything
-        self.state.mask_BS = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        ids = _first_int_tensor(args, kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        shape = None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            shape = tuple(ids.shape)
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            shape = tuple(embeds.shape[:2])
+        mask = kwargs.get("attention_mask")
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.dim() == 3:  # multimodal RoPE: [3, B, S]
+            positions = positions[0]
+        cu_seqlens = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens_q"))
+        self.state.batch = BatchInfo(
+            shape_BS=shape,
+            mask_BS=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            position_ids_BS=positions if isinstance(positions, torch.Tensor) and positions.dim() == 2
+            and shape is not None and tuple(positions.shape) == shape else None,
+            cu_seqlens=cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None)
 
 
 STRATEGIES: dict[str, type] = {
