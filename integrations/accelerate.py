@@ -12,7 +12,7 @@ Example (the loop stays as it is)::
             optimizer.step(); optimizer.zero_grad()
 
 What ``attach`` does: unwraps and patches the model's routers; scales the attached balance loss by
-``1 / gradient_accumulation_steps``; wraps the prepared optimizer's ``step`` so the balancer steps
+``1 / gradient_accumulation_steps`` and by the fp16 loss scale, as ``accelerator.backward`` does; wraps the prepared optimizer's ``step`` so the balancer steps
 (one all-reduce, bias update) only when ``accelerator.sync_gradients`` and not
 ``optimizer.step_was_skipped``; registers the balancer for ``save_state``/``load_state``; and sends
 ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every`` steps when trackers are set up.
@@ -27,6 +27,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, resolve_config
 from moe_balance.patching import api as patching
+from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import prefixed
 
 require("accelerate")
@@ -51,7 +52,10 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
     if not any(accelerator.unwrap_model(m) is unwrapped for m in accelerator._models):
         raise ValueError("attach() needs the model returned by accelerator.prepare(...): call it after prepare")
     balancer = patching.patch(unwrapped, cfg, attach_loss=attach_loss)
-    patching.patch_state_of(unwrapped).loss_scale = 1.0 / max(1, accelerator.gradient_accumulation_steps)
+    # accelerator.backward divides by the accumulation steps and multiplies by its GradScaler's (or the
+    # DeepSpeed engine's) loss scale; the attached loss gets the same factors.
+    patching.patch_state_of(unwrapped).backward_scale = BackwardScale(
+        lambda: accelerator.gradient_accumulation_steps, lazy_precision_scale(accelerator))
     _wrap_step(accelerator, optimizer, balancer, log_every)
     accelerator.register_for_checkpointing(balancer)
     return balancer

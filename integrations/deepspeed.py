@@ -15,7 +15,8 @@ engine it wraps:
 
 * ``step``: at a gradient-accumulation boundary, and only if ``engine.was_step_applied()`` (fp16
   overflow skips change nothing), ``Balancer.step()`` runs: one all-reduce of the counts over the
-  data-parallel world (gates are replicated on every rank, expert parallel or not), bias update;
+  engine's data-parallel group (gates are replicated there, expert parallel or not; pipeline stages
+  are not summed), bias update;
 * ``save_checkpoint`` / ``load_checkpoint``: the balancer state travels in ``client_state``;
 * metrics go to DeepSpeed's monitor (TensorBoard/CSV/W&B when configured) and to the log on rank 0
   every ``steps_per_print`` steps.
@@ -35,6 +36,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, read_deepspeed_entry
 from moe_balance.patching import api as patching
+from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import prefixed
 
 require("deepspeed")
@@ -69,6 +71,19 @@ def initialize(*args: Any, **kwargs: Any):
     return result
 
 
+def data_parallel_group(engine: Any) -> Any:
+    """The group the engine reduces the gates' gradients over: data parallel times sequence parallel
+    (each sequence-parallel rank routes a slice of the tokens). None = WORLD when DeepSpeed has no other."""
+    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+    if group is None:
+        from deepspeed.utils import groups
+        try:
+            group = groups._get_data_parallel_group()
+        except (AssertionError, AttributeError, RuntimeError):
+            group = None
+    return group
+
+
 def balancer(engine: Any) -> Balancer:
     """The Balancer driven by an engine from :func:`initialize`."""
     try:
@@ -81,9 +96,10 @@ def attach_engine(engine: Any, model: Any, bal: Balancer) -> None:
     """Wrap ``step``, ``save_checkpoint`` and ``load_checkpoint`` of this engine instance."""
     engine.__dict__["_moe_balancer"] = bal
     state = patching.patch_state_of(model)
-    state.loss_scale = 1.0 / max(1, engine.gradient_accumulation_steps())
-    if engine.fp16_enabled():  # the backward runs at the dynamic loss scale; match it
-        state.grad_scale = lambda: float(getattr(engine.optimizer, "cur_scale", 1.0))
+    # engine.backward divides by the accumulation steps and multiplies by the fp16 optimizer's loss scale
+    state.backward_scale = BackwardScale(engine.gradient_accumulation_steps, lazy_precision_scale(engine))
+    # Gates are replicated over the data-parallel group; pipeline or tensor stages must not be summed.
+    bal.reducer.group = data_parallel_group(engine)
     original_step = engine.step
     original_save = engine.save_checkpoint
     original_load = engine.load_checkpoint

@@ -4,15 +4,17 @@ What it does, and where in the Trainer:
 
 * ``on_init_end`` (inside ``Trainer.__init__``): validates the config and patches the model's routers,
   so an unsupported model or a bad config fails at ``Trainer(...)``, not hours in;
-* the balance loss rides on the router outputs (``attach_loss``), scaled by
-  ``1 / gradient_accumulation_steps``, so ``compute_loss`` (and any subclass's) stays untouched;
+* the balance loss rides on the router outputs (``attach_loss``), so ``compute_loss`` (and any
+  subclass's) stays untouched;
 * ``on_step_end`` (after each optimizer step): ``balancer.step()`` (one all-reduce, bias update),
   or only a window reset when the optimizer skipped the step;
 * ``Trainer.log`` and ``Trainer.evaluation_loop`` are wrapped on this trainer instance so balance
   metrics land in ``state.log_history``, the console and every reporter under ``moe_balance/``;
   evaluation measures balance without touching the bias;
-* checkpoints: ``moe_balance.pt`` in every ``checkpoint-*`` folder, restored on
-  ``train(resume_from_checkpoint=...)``.
+* the attached loss is scaled like the Trainer scales its own: ``1 / current_gradient_accumulation_steps``
+  (shorter last window included) times the fp16 loss scale of the GradScaler or DeepSpeed optimizer;
+* checkpoints: the balancer state in ``trainer_state.json`` (restored on every resume path: plain,
+  DeepSpeed, FSDP, and with ``restore_callback_states_from_checkpoint=True``) and ``moe_balance.pt``.
 
 Example:
     >>> from moe_balance.integrations.hf import MoEBalanceCallback
@@ -30,7 +32,7 @@ import os
 import weakref
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -38,6 +40,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, read_deepspeed_entry, resolve_config
 from moe_balance.patching import api as patching
+from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import StatsWriter, prefixed
 
 require("transformers")
@@ -76,12 +79,24 @@ def checkpoint_keys(folder: str | os.PathLike) -> set[str] | None:
         return set(f.keys())
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP2/DTensor or DeepSpeed ZeRO-3 parameters: the engine restored them from its own checkpoint."""
+    for param in model.parameters():
+        if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor" or hasattr(param, "ds_id"):
+            return True
+    return False
+
+
 @torch.no_grad()
 def repair_converted_weights(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
     """If the checkpoint's names differ from the model's (weights converted on save, not mapped back
-    by ``Trainer._load_from_checkpoint``), load them through ``from_pretrained``'s conversion."""
+    by ``Trainer._load_from_checkpoint``), load them through ``from_pretrained``'s conversion.
+
+    Sharded models are left alone: their engine restored them from its own checkpoint, and full
+    tensors cannot be copied into shards.
+    """
     keys = checkpoint_keys(folder)
-    if keys is None or not hasattr(model, "save_pretrained"):
+    if keys is None or not hasattr(model, "save_pretrained") or _is_sharded(model):
         return False
     wanted = set(model.state_dict())
     if wanted <= keys:
@@ -91,12 +106,12 @@ def repair_converted_weights(model: torch.nn.Module, folder: str | os.PathLike) 
     fresh = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
     fresh_state = fresh.state_dict()
     for name, tensor in model.state_dict().items():
-        tensor.copy_(fresh_state[name])
+        tensor.copy_(fresh_state[name].to(tensor.device))
     return True
 
 
 def _find_trainer() -> Any | None:
-    """The Trainer whose ``__init__`` is calling us (callbacks are not handed the trainer)."""
+    """The Trainer whose method is calling us (callbacks are not handed the trainer)."""
     from transformers import Trainer
     frame = inspect.currentframe()
     while frame is not None:
@@ -105,6 +120,15 @@ def _find_trainer() -> Any | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def _accumulation_of(trainer: Any, args: Any) -> Callable[[], int]:
+    """The Trainer divides each micro-batch loss by the size of *this* accumulation window, which is
+    shorter at the end of an epoch (``current_gradient_accumulation_steps``)."""
+    def steps() -> int:
+        current = getattr(trainer, "current_gradient_accumulation_steps", None) if trainer is not None else None
+        return int(current or args.gradient_accumulation_steps)
+    return steps
 
 
 class MoEBalanceCallback(TrainerCallback, ExportableState):
@@ -117,6 +141,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         write_stats: append metrics (and the load matrix) to ``output_dir/moe_balance_stats.jsonl``
             on the main process at every log, for ``python -m moe_balance plot``.
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
+
+    Resume works on every path the Trainer takes (plain, DeepSpeed, FSDP): the balancer state travels
+    in ``trainer_state.json`` (``ExportableState``), which the Trainer reads before ``on_train_begin``
+    whichever engine restores the weights; ``moe_balance.pt`` beside it is the same state for tools.
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
@@ -128,6 +156,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.write_stats = write_stats
         self.repair_resume = repair_resume
         self.balancer: Balancer | None = None
+        self.restored_state: Mapping[str, Any] | None = None  # set by the Trainer's callback-state restore
         self._trainer_ref: Any = None
         self._stats: StatsWriter | None = None
 
@@ -137,23 +166,28 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("MoEBalanceCallback needs the Trainer's model")
         existing = patching.patch_state_of(model)
-        if existing is not None:  # e.g. the same model handed to a second Trainer
-            logger.warning("moe_balance: the model was already patched; re-patching it with the callback's config")
-            patching.unpatch(model)
+        if existing is not None and existing.balancer.config != self.config:
+            raise ValueError("moe_balance: the Trainer's model is already patched with another config; call "
+                             "moe_balance.unpatch(model) first or give the callback the same config")
+        if existing is not None:  # e.g. the same model handed to a second Trainer: keep its patch and state
+            logger.info("moe_balance: the model was already patched with this config; the callback drives it")
         self.balancer = patching.patch(model, self.config, attach_loss=True)
-        patch_state = patching.patch_state_of(model)
-        patch_state.loss_scale = 1.0 / max(1, args.gradient_accumulation_steps)
+        patching.patch_state_of(model).attach_loss = True
         trainer = _find_trainer()
+        self._connect(trainer, model, args)
+        if trainer is None:
+            logger.warning("moe_balance: Trainer not found from the callback; metrics go to log_history only")
+        return control
+
+    def _connect(self, trainer: Any, model: torch.nn.Module, args: Any) -> None:
+        """Point the patch's backward scale and the trainer's wrappers at this callback."""
+        patch_state = patching.patch_state_of(model)
+        patch_state.backward_scale = BackwardScale(_accumulation_of(trainer, args),
+                                                   lazy_precision_scale(trainer) if trainer is not None else None)
         if trainer is not None:
             self._trainer_ref = weakref.ref(trainer)
+            trainer._moe_balance_callback = self  # the wrappers follow a callback rebuilt on resume
             self._wrap_trainer(trainer)
-            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-            if scaler is not None:  # fp16: the backward runs at the GradScaler's scale (kept on device)
-                patch_state.grad_scale = lambda: scaler._scale if scaler._scale is not None else scaler.get_scale()
-        else:
-            logger.warning("moe_balance: Trainer not found from the callback; metrics go to log_history only "
-                           "and resume restores the balancer from trainer_state.json")
-        return control
 
     def _wrap_trainer(self, trainer: Any) -> None:
         """Instance-level wrappers (the class and other trainers are untouched)."""
@@ -163,28 +197,27 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         original_log = trainer.log
         original_eval_loop = trainer.evaluation_loop
         original_load = trainer._load_from_checkpoint
-        callback = self
 
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs and trainer.is_world_process_zero():
-                logs.update(callback.train_metrics())
+                logs.update(trainer._moe_balance_callback.train_metrics())
             return original_log(logs, *args, **kwargs)
 
         def evaluation_loop(*args: Any, **kwargs: Any):
-            with callback.balancer.measuring():
+            balancer = trainer._moe_balance_callback.balancer
+            with balancer.measuring():
                 output = original_eval_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-            metrics = callback.balancer.metrics()
+            metrics = balancer.metrics()
             for key in ("maxvio_global", "maxvio_batch", "cv", "dead_experts", "load_entropy"):
                 output.metrics[f"{prefix}_moe_balance/{key}"] = metrics[key]
             return output
 
         def load_from_checkpoint(resume_from_checkpoint: str, *args: Any, **kwargs: Any):
+            # Only the weight repair lives here; the balancer state comes back in on_train_begin.
             result = original_load(resume_from_checkpoint, *args, **kwargs)
-            model = kwargs.get("model") or (args[0] if args else None) or trainer.model
-            if callback.repair_resume:
-                repair_converted_weights(model, resume_from_checkpoint)
-            callback.restore(resume_from_checkpoint)
+            if trainer._moe_balance_callback.repair_resume:
+                repair_converted_weights(trainer.model, resume_from_checkpoint)
             return result
 
         trainer.log = log
@@ -193,13 +226,36 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------- training
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.balancer is None:  # rebuilt by restore_callback_states_from_checkpoint=True: adopt the patch
+            self._adopt(args, model)
         if self.write_stats and state.is_world_process_zero:
             self._stats = StatsWriter(Path(args.output_dir) / STATS_FILE)
-        if self._trainer_ref is None and state.global_step > 0:
-            saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json is loaded by now
+            saved = self.restored_state or self._saved_state(state)
             if saved:
-                self.balancer.load_state_dict(_from_json(saved["attributes"]["balancer"]))
+                self.balancer.load_state_dict(_from_json(saved))
+            else:
+                logger.warning("moe_balance: resumed at step %d but the checkpoint holds no balancer state; "
+                               "the balancer starts fresh", state.global_step)
+            self.restored_state = None
         return control
+
+    def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:
+        trainer = _find_trainer()
+        model = model if model is not None else getattr(trainer, "model", None)
+        patch_state = patching.patch_state_of(model) if model is not None else None
+        if patch_state is None:
+            raise RuntimeError("moe_balance: MoEBalanceCallback was created after Trainer.__init__ and the model "
+                               "is not patched; pass the callback to Trainer(callbacks=[...])")
+        self.config = patch_state.balancer.config
+        self.balancer = patch_state.balancer
+        self._connect(trainer, model, args)
+
+    def _saved_state(self, state: Any) -> Mapping[str, Any] | None:
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        return (saved or {}).get("attributes", {}).get("restored_state")
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self._step_skipped(optimizer):
@@ -242,7 +298,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         return control
 
     def restore(self, checkpoint: str | os.PathLike) -> bool:
-        """Load ``moe_balance.pt`` from a checkpoint folder if present."""
+        """Load ``moe_balance.pt`` from a checkpoint folder if present (tensors only, nothing unpickled)."""
         path = Path(checkpoint) / STATE_FILE
         if not path.exists():
             logger.warning("moe_balance: %s has no %s; the balancer starts fresh", checkpoint, STATE_FILE)
@@ -251,9 +307,11 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         return True
 
     def state(self) -> dict[str, Any]:
-        """ExportableState: the balancer also travels in ``trainer_state.json``."""
-        return {"args": {}, "attributes": {"balancer": _to_json(self.balancer.state_dict())
-                                           if self.balancer is not None else None}}
+        """ExportableState: the balancer travels in ``trainer_state.json``; ``args`` rebuild this callback."""
+        return {"args": {"config": self.config.to_dict(), "write_stats": self.write_stats,
+                         "repair_resume": self.repair_resume},
+                "attributes": {"restored_state": _to_json(self.balancer.state_dict())
+                               if self.balancer is not None else None}}
 
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""

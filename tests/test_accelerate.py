@@ -56,7 +56,7 @@ def test_balance_loss_is_scaled_for_accumulation():
     model, opt, loader = acc.prepare(model, opt, loader)
     attach(acc, model, opt, aux_loss="switch")
     from moe_balance.patching.api import patch_state_of
-    assert patch_state_of(acc.unwrap_model(model)).loss_scale == 0.25
+    assert patch_state_of(acc.unwrap_model(model)).backward_scale() == 0.25
 
 
 def test_save_state_load_state_round_trip(tmp_path):

@@ -82,7 +82,7 @@ def test_balance_loss_reaches_router_with_ga_scale(tmp_path):
     trainer = Trainer(model=load(saved_checkpoint("mixtral", tmp_path / "c", skew=0)),
                       args=args(tmp_path / "o", gradient_accumulation_steps=4), train_dataset=train_ds,
                       callbacks=[cb])
-    assert patch_state_of(trainer.model).loss_scale == 0.25
+    assert patch_state_of(trainer.model).backward_scale() == 0.25
 
 
 def _run(tmp_path, out, resume=None, max_steps=20):
