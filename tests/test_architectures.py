@@ -109,3 +109,36 @@ def test_longcat_zero_experts_are_balanced_slots():
     assert torch.equal(router.e_score_correction_bias, bal.bias_LE[0].to(router.e_score_correction_bias.dtype))
     mb.unpatch(model)
     assert router.e_score_correction_bias[zero_slot] == 10.0
+
+
+def checkpointed_run(use_checkpointing: bool, use_reentrant: bool) -> tuple[torch.Tensor, dict, dict]:
+    """One training step of a patched tiny Qwen3.5-MoE text model: loss, gradients, the step window."""
+    model = tiny_model("qwen3_5_moe_text")
+    model.train()
+    if use_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    bal = mb.patch(model, aux_loss="switch", aux_loss_coef=0.1, attach_loss=True)
+    with torch.no_grad():  # a bias that changes routing: the recomputation must route as the forward did
+        bal.bias_LE.copy_(0.05 * torch.randn(bal.bias_LE.shape, generator=torch.Generator().manual_seed(1)))
+    ids = token_batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, bal.current_window()
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_qwen3_5_moe_gradient_checkpointing_changes_nothing(use_reentrant):
+    """transformers#47467: Qwen3.5-MoE's routing may change on recompute. Patched, a checkpointed step
+    must give the loss and gradients of a plain one (balance loss included) and count each token once."""
+    loss, grads, window = checkpointed_run(False, use_reentrant)
+    ckpt_loss, ckpt_grads, ckpt_window = checkpointed_run(True, use_reentrant)
+    assert torch.equal(ckpt_loss, loss)
+    assert ckpt_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+    router_grads = [n for n in grads if n.endswith("mlp.gate.weight")]
+    assert len(router_grads) == 2 and all(grads[n].abs().sum() > 0 for n in router_grads)
+    assert ckpt_window["tokens_L"].tolist() == [24.0, 24.0]  # counted once, not again at recompute
+    assert torch.equal(ckpt_window["counts_LE"], window["counts_LE"])
