@@ -85,10 +85,43 @@ _TINY_EXTRA: dict[str, dict] = {
     # the sparse-attention indexer keeps index_topk keys per query: fewer than the test's 12 tokens
     "deepseek_v32": dict(_MLA, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8, index_n_heads=2),
     "axk1": dict(_MLA, mlp_layer_types=["sparse", "sparse"]),
+    "dots3_note_text": dict(_MLA, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8,
+                            index_n_heads=2, shared_experts_intermediate_size=32),
+    # Qwen4-Exp: linear attention beside indexed (sparse) attention, hyper-connections of 2 streams
+    "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention"], linear_num_value_heads=2,
+                           linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                           shared_expert_intermediate_size=32, hc_count=2, hc_lowrank=8, indexer_n_heads=2,
+                           indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2),
     # Gemma 4 names its top-k top_k_experts; hide the shared num_experts_per_tok so that is what is read
     "gemma4_text": dict(enable_moe_block=True, top_k_experts=2, num_experts_per_tok=None,
                         layer_types=["sliding_attention", "full_attention"], sliding_window=8,
                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
+}
+
+
+# Multimodal model types: (model_type of their language model, smallest settings of their other
+# towers). The text tower gets that model_type's tiny config; tiny_model builds the whole
+# multimodal model (ForConditionalGeneration), which text-only batches run through.
+_TINY_COMPOSITE: dict[str, tuple[str, dict]] = {
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
+        temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16))),
+    "qwen4_exp": ("qwen4_exp_text", dict(vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
+        temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16))),
+    "gemma4": ("gemma4_text", dict(audio_config=None, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, patch_size=4, position_embedding_size=16, pooling_kernel_size=1))),
+    "dots3_note": ("dots3_note_text", dict(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=4, moe_intermediate_size=32, spatial_merge_size=1, num_local_experts=8,
+                           num_experts_per_tok=2, router_scaling_factor=1.0, adapter_in_dim=32, adapter_out_dim=32,
+                           adapter_merge_size=1, mlp_layer_types=["sparse"]),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=32, feature_size=16))),
+    "llama4": ("llama4_text", dict(vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=4, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))),
 }
 
 
@@ -100,6 +133,10 @@ def tiny_config(model_type: str, experts: int = 8, top_k: int = 2, **overrides):
         16
     """
     from transformers import AutoConfig
+    if model_type in _TINY_COMPOSITE:  # overrides go to the language model, where the routers are
+        text_type, towers = _TINY_COMPOSITE[model_type]
+        text = tiny_config(text_type, experts=experts, top_k=top_k, **overrides)
+        return AutoConfig.for_model(model_type, text_config=text.to_dict(), **towers)
     sizes = dict(num_local_experts=experts, num_experts=experts, n_routed_experts=experts,
                  num_experts_per_tok=top_k)
     extra = dict(_TINY_EXTRA.get(model_type, {}))
@@ -111,11 +148,13 @@ def tiny_config(model_type: str, experts: int = 8, top_k: int = 2, **overrides):
 
 
 def tiny_model(model_type: str, seed: int = 0, experts: int = 8, top_k: int = 2, **overrides):
-    """A tiny causal LM built from :func:`tiny_config` with a fixed seed."""
-    from transformers import AutoModelForCausalLM
+    """A tiny causal LM built from :func:`tiny_config` with a fixed seed (multimodal types: the whole
+    image-text-to-text model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     torch.manual_seed(seed)
     config = tiny_config(model_type, experts=experts, top_k=top_k, **overrides)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    auto = AutoModelForImageTextToText if model_type in _TINY_COMPOSITE else AutoModelForCausalLM
+    return auto.from_config(config, attn_implementation="eager")
 
 
 def stdlib_files() -> list:
