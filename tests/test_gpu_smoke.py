@@ -1,0 +1,40 @@
+"""examples/gpu_smoke.py runs its CPU dry run (bf16, no fp16, no device_map) and every row passes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_gpu_smoke_cpu_dry_run(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "gpu_smoke.py"), "--cpu", "--steps", "8",
+           "--output-dir", str(tmp_path / "smoke")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"gpu_smoke.py --cpu timed out after 300 s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}\n{err[-4000:]}"
+    rows = re.findall(r"^(\S.*?)\s+\| (\S+)\s+\| (\S+)\s+\| (PASS|FAIL|SKIP)\s+\|", out, flags=re.M)
+    results = {(check.strip(), model, precision): status for check, model, precision, status in rows}
+    for model in ("mixtral", "deepseek_v3"):
+        for check, precision in (("train", "bf16"), ("bias moves", "bf16"), ("aux -> router", "fp32"),
+                                 ("aux -> router", "bf16"), ("resume", "bf16")):
+            assert results.get((check, model, precision)) == "PASS", (check, model, precision, out[-4000:])
+        assert results.get(("device_map auto", model, "-")) == "SKIP"  # no device_map in the dry run
+    assert "FAIL" not in results.values()
+    assert re.search(r"^10 passed, 0 failed, 4 skipped$", out, flags=re.M), out[-2000:]
