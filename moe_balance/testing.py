@@ -85,6 +85,9 @@ _TINY_EXTRA: dict[str, dict] = {
     # the sparse-attention indexer keeps index_topk keys per query: fewer than the test's 12 tokens
     "deepseek_v32": dict(_MLA, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8, index_n_heads=2),
     "axk1": dict(_MLA, mlp_layer_types=["sparse", "sparse"]),
+    # both make their first layers dense by default (beam 3, flint 2): a 2-layer model would have no router
+    "beam": dict(num_key_value_heads=4, n_group=1, topk_group=1, mlp_layer_types=["sparse", "sparse"]),
+    "flint": dict(mlp_only_layers=[]),
     "dots3_note_text": dict(_MLA, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8,
                             index_n_heads=2, shared_experts_intermediate_size=32),
     # Qwen4-Exp: linear attention beside indexed (sparse) attention, hyper-connections of 2 streams

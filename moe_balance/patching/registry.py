@@ -29,7 +29,7 @@ MODEL_TYPES: dict[str, str] = {
     "qwen3_5_moe_text": "generic", "qwen3_5_moe": "generic", "gemma4_text": "generic", "gemma4": "generic",
     "qwen4_exp_text": "generic", "qwen4_exp": "generic",
     "deepseek_v32": "native_bias", "kimi_linear": "native_bias", "bailing_hybrid": "native_bias", "axk1": "native_bias",
-    "dots3_note_text": "native_bias",
+    "dots3_note_text": "native_bias", "beam": "native_bias", "flint": "generic",
 }
 
 # model_type -> why it is not patched (yet); patch() raises with this text.
@@ -39,9 +39,8 @@ UNSUPPORTED: dict[str, str] = {
     "switch_transformers": "Switch routes by argmax with capacity inside the router; no top-k call",
     "nllb_moe": "NLLB-MoE routes by argmax/top-2 with capacity inside the router; no plain top-k call",
     "zaya": "ZAYA's top-1 router makes no top-k call over its experts",
-    "beam": "no router module (class name ending in Router/Gate) holds the expert selection",
-    "flint": "no router module (class name ending in Router/Gate) holds the expert selection",
-    "deepseek_v4": "no router module (class name ending in Router/Gate) holds the expert selection",
+    "deepseek_v4": "its first MoE layers route by a fixed token-id table (DeepseekV4HashRouter: no selection to "
+                   "bias) and the others score experts with sqrtsoftplus, which the balance losses do not model",
     "dots3_note": "the multimodal Dots3NoteForConditionalGeneration also routes its vision tower through MoE "
                   "layers (Dots3NoteVisionTopKRouter): they run only on images, so a text forward never reaches "
                   "them, and their shape (64 experts by default) differs from the language model's (256, top-8), "
@@ -75,7 +74,7 @@ _SOFTMAX = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "q
 _SIGMOID = ("llama4", "llama4_text", "minimax_m2", "lfm2_moe", "afmoe", "hy_v3", "hy_v4", "deepseek_v3",
             "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1", "exaone_moe", "kolibri1",
             "laguna", "mimo_v2_flash", "nemotron_h", "solar_open", "axk1", "axk2", "kimi_linear",
-            "bailing_hybrid", "dots3_note")
+            "bailing_hybrid", "dots3_note", "dots3_note_text", "beam", "flint")
 SCORE_FUNCS: dict[str, str] = {**dict.fromkeys(_SOFTMAX, "softmax"), **dict.fromkeys(_SIGMOID, "sigmoid")}
 
 
