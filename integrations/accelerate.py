@@ -12,10 +12,11 @@ Example (the loop stays as it is)::
             optimizer.step(); optimizer.zero_grad()
 
 What ``attach`` does: unwraps and patches the model's routers; scales the attached balance loss by
-``1 / gradient_accumulation_steps`` and by the fp16 loss scale, as ``accelerator.backward`` does; wraps the prepared optimizer's ``step`` so the balancer steps
-(one all-reduce, bias update) only when ``accelerator.sync_gradients`` and not
-``optimizer.step_was_skipped``; registers the balancer for ``save_state``/``load_state``; and sends
-``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every`` steps when trackers are set up.
+``1 / gradient_accumulation_steps`` and by the fp16 loss scale, as ``accelerator.backward`` does;
+wraps the prepared optimizer's ``step`` so the balancer steps (one all-reduce, bias update) only
+when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; registers the balancer for
+``save_state``/``load_state``; and sends ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every``
+steps when trackers are set up.
 """
 
 from __future__ import annotations

@@ -63,8 +63,7 @@ def initialize(*args: Any, **kwargs: Any):
     model = params.get("model")
     if model is None:
         raise ValueError("moe_balance.integrations.deepspeed.initialize needs model=")
-    has_vocab = getattr(getattr(model, "config", None), "vocab_size", None) is not None
-    balancer = patching.patch(model, cfg, attach_loss=True, selftest=has_vocab)
+    balancer = patching.patch(model, cfg, attach_loss=True)
     result = deepspeed.initialize(*args, **kwargs)
     engine = result[0]
     attach_engine(engine, model, balancer)

@@ -264,11 +264,34 @@ def test_selftest_catches_a_bypassed_router():
             type(gate).forward = saved
     type(block).forward = bypass
     try:
+        forward_hooks = dict(model._forward_hooks)
+        mb.patch(model)  # no test forward at patch time: the first real forward checks
         with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.gate"):
-            mb.patch(model)
+            model(**lm_batch())
     finally:
         type(block).forward = original
-    assert "_moe_balance" not in model.__dict__  # a failed patch leaves nothing behind
+    assert "_moe_balance" not in model.__dict__  # a failed check leaves nothing behind
+    assert dict(model._forward_hooks) == forward_hooks
+    with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.gate"):  # the explicit check still exists
+        type(block).forward = bypass
+        try:
+            mb.patch(model)
+            mb.patching.run_selftest(model)
+        finally:
+            type(block).forward = original
+            mb.unpatch(model)
+
+
+def test_patching_runs_no_forward_and_checks_once():
+    model = tiny_model("mixtral")
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    mb.patch(model)
+    assert not calls  # no side effects: sharded/partitioned weights are never touched at patch time
+    model(**lm_batch())
+    model(**lm_batch(1))
+    state = mb.patching.patch_state_of(model)
+    assert state.check_hook_id is None and state.forward_hits is None and len(calls) == 2
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])

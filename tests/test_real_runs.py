@@ -328,3 +328,21 @@ def test_forwards_outside_training_do_not_count():
         model(**lm_batch(1))
     assert bal.last_window["tokens_L"].tolist() == [24.0, 24.0]
     assert torch.equal(bal.current_window()["counts_LE"], counted)
+
+
+def test_patch_reaches_routers_behind_accelerate_hooks():
+    """device_map dispatch and CPU/disk offload wrap each module's forward in an accelerate hook that calls
+    the forward bound before the patch: the routers were bypassed (the first forward now says so)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("mixtral")
+    ids = lm_batch()["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    accelerate.cpu_offload(model, execution_device="cpu")  # weights on meta until each hook loads them
+    bal = mb.patch(model, bias_update="none")
+    out = model(input_ids=ids)
+    assert torch.equal(out.logits.detach(), reference)
+    assert bal.current_window()["tokens_L"].tolist() == [24.0, 24.0]
+    gate = model.model.layers[0].mlp.gate
+    mb.unpatch(model)
+    assert gate._old_forward.__func__ is type(gate).forward and "_mb_saved_old_forward" not in gate.__dict__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         state: a saved balancer state (path or state dict) to continue from, e.g. beside a checkpoint.
         attach_loss: add each layer's balance loss to the backward pass through the router output
             (no change to the training loop). Otherwise take it with ``balancer.loss()``.
-        selftest: run one tiny forward to check that every patched router really runs the patch.
+        selftest: check, on the model's first forward, that every patched router really ran through
+            the patch (a hub kernel or custom block may bypass it); a bypass raises there and unpatches.
+            No extra forward is run: sharded or partitioned weights (ZeRO-3, FSDP2) are not touched.
 
     Example:
         >>> import torch, moe_balance as mb
@@ -119,9 +122,11 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
                       stacklevel=2)
     balancer = Balancer(cfg, num_layers=len(usable), num_experts=num_experts, top_k=top_k,
                         process_group=process_group)
-    params = list(model.parameters())
-    if params:
-        balancer.to(params[0].device)
+    # A first guess only: the balancer follows the routers' device at their first call (Balancer._follow).
+    # Offloaded weights (accelerate's cpu/disk offload) sit on meta until their hooks load them.
+    devices = [p.device for p in model.parameters() if p.device.type != "meta"]
+    if devices:
+        balancer.to(devices[0])
     patch_state = PatchState(balancer=balancer, attach_loss=attach_loss)
     modules = dict(model.named_modules())
     for layer, info in enumerate(usable):
@@ -138,7 +143,8 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
             # after every step, so save_pretrained ships the trained bias to stock transformers.
             site.native_owner, site.native_attr = native
             site.native_original = site.native_bias.detach().clone()
-            balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
+            if site.native_bias.device.type != "meta":  # offloaded: nothing to read; the master starts at 0
+                balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
         patch_state.sites.append(site)
     native_sites = [s for s in patch_state.sites if s.native_owner is not None]
     if native_sites:
@@ -146,6 +152,7 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
     for site in patch_state.sites:
         site.module.__dict__["_mb_site"] = site
         site.module.__class__ = _balanced_class(site.strategy, site.original_class)
+        _route_hook_through_patch(site)
     handle = model.register_forward_pre_hook(BatchInfoHook(patch_state), with_kwargs=True)
     patch_state.hook_ids.append(handle.id)
     model.__dict__[_ATTR] = patch_state
@@ -153,12 +160,23 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
     try:
         if saved_state is not None:
             balancer.load_state_dict(saved_state)
-        if selftest:
-            run_selftest(model)
     except Exception:
         unpatch(model)
         raise
+    if selftest:
+        patch_state.forward_hits = set()
+        handle = model.register_forward_hook(FirstForwardCheck(model, patch_state))
+        patch_state.check_hook_id = handle.id
     return balancer
+
+
+def _route_hook_through_patch(site: RouterSite) -> None:
+    """accelerate's hooks (``device_map`` dispatch, CPU/disk offload) replace ``module.forward`` by a
+    wrapper that calls the forward bound when the hook was added, which would bypass the class swap."""
+    module = site.module
+    if "_old_forward" in module.__dict__ and "_mb_saved_old_forward" not in module.__dict__:
+        module.__dict__["_mb_saved_old_forward"] = module.__dict__["_old_forward"]
+        module.__dict__["_old_forward"] = types.MethodType(type(module).forward, module)
 
 
 def _disable_builtin_aux(model: nn.Module, cfg: BalanceConfig, patch_state: PatchState) -> None:
@@ -185,9 +203,38 @@ def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _bypass_error(missing: list[str], when: str) -> RuntimeError:
+    return RuntimeError(f"moe_balance: patched routers did not run through the patch in {when}: {missing}. "
+                        "A hub kernel, a compiled forward or a custom block may bypass the router module; "
+                        "disable kernels (use_kernels=False) or register the module that really routes.")
+
+
+class FirstForwardCheck:
+    """Forward hook: after the model's first forward, every patched router must have reported.
+
+    Checking on a real forward instead of a test forward keeps patching free of side effects and
+    safe on engines whose weights are sharded or partitioned until their own hooks gather them.
+    A class (not a closure) so that ``deepcopy`` of a patched model checks the copy.
+    """
+
+    def __init__(self, model: nn.Module, state: PatchState) -> None:
+        self.model, self.state = model, state
+
+    def __call__(self, module, args, output):
+        state = self.state
+        hits, state.forward_hits = state.forward_hits, None
+        self.model._forward_hooks.pop(state.check_hook_id, None)
+        state.check_hook_id = None
+        missing = [s.name for s in state.sites if s.layer not in (hits or ())]
+        if missing:
+            unpatch(self.model)
+            raise _bypass_error(missing, "the model's first forward (the patch was removed)")
+
+
 @torch.no_grad()
 def run_selftest(model: nn.Module) -> None:
-    """One tiny forward; every patched router must report through the patch, or raise."""
+    """An explicit check now: one tiny forward (no counting, RNG preserved); every patched router
+    must report through the patch, or raise. Not for sharded models (it runs a forward)."""
     patch_state: PatchState = model.__dict__[_ATTR]
     was_training = model.training
     patch_state.selftest_hits = set()
@@ -200,9 +247,7 @@ def run_selftest(model: nn.Module) -> None:
         model.train(was_training)
     missing = [s.name for s in patch_state.sites if s.layer not in hits]
     if missing:
-        raise RuntimeError(f"moe_balance: patched routers did not run through the patch in a test forward: {missing}. "
-                           "A hub kernel, a compiled forward or a custom block may bypass the router module; "
-                           "disable kernels (use_kernels=False) or register the module that really routes.")
+        raise _bypass_error(missing, "a test forward")
 
 
 def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
@@ -217,9 +262,13 @@ def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
     for hook_id in patch_state.hook_ids:  # by id: a deepcopy's handles would point at the original's dicts
         model._forward_pre_hooks.pop(hook_id, None)
         model._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    if patch_state.check_hook_id is not None:
+        model._forward_hooks.pop(patch_state.check_hook_id, None)
     for site in patch_state.sites:
         site.module.__class__ = site.original_class
         site.module.__dict__.pop("_mb_site", None)
+        if "_mb_saved_old_forward" in site.module.__dict__:
+            site.module.__dict__["_old_forward"] = site.module.__dict__.pop("_mb_saved_old_forward")
         if site.native_original is not None and not keep_native_bias:
             with torch.no_grad():
                 buf = site.native_bias

@@ -81,6 +81,9 @@ class PatchState:
     """Factor on the attached loss gradient (accumulation and fp16 loss scale; see ``moe_balance.scaling``)."""
     batch: BatchInfo = field(default_factory=BatchInfo)
     selftest_hits: set[int] | None = None
+    forward_hits: set[int] | None = None
+    """Layers that reported during the model's first forward (see ``api.FirstForwardCheck``)."""
+    check_hook_id: int | None = None
     sites: list[RouterSite] = field(default_factory=list)
     hook_ids: list[int] = field(default_factory=list)
     saved_output_router_logits: Any = None
@@ -158,6 +161,8 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     if state.selftest_hits is not None:
         state.selftest_hits.add(site.layer)
         return output
+    if state.forward_hits is not None:
+        state.forward_hits.add(site.layer)
     recompute = in_backward_recompute()
     record = should_record(site, recompute)
     if record is None:
