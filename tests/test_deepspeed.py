@@ -82,3 +82,13 @@ def test_bad_entry_fails_before_the_engine_is_built():
                                                               "moe_balance": {"bias_update_rate": -1}})
     with pytest.raises(ValueError, match="did you mean 'z_loss_coef'"):
         mb_ds.initialize(model=torch.nn.Linear(2, 2), config={"moe_balance": {"zloss_coef": 1e-3}})
+
+
+def test_fp16_loss_scale_and_data_parallel_group(tmp_path):
+    """DeepSpeed's FP16 optimizers expose loss_scale (not cur_scale): the attached loss follows it
+    (loss_scale / GA); the step's all-reduce runs over the engine's data-parallel group, not WORLD."""
+    (r,) = run(tmp_path, "hf", "0", "2", "3", "--fp16")
+    assert r["optimizer"].startswith("FP16")
+    assert r["backward_scale"] == 1024 / 2
+    assert r["group_is_engine_dp"]
+    assert r["num_steps"] == 3 and all(loss == loss for loss in r["losses"])  # finite, stepped

@@ -56,4 +56,4 @@ def test_deepspeed_example_writes_monitor_csv(tmp_path):
 
 def test_inspect_command(tmp_path):
     out = run("-m", "moe_balance", "inspect", "qwen3_moe", cwd=tmp_path)
-    assert "Qwen3MoeTopKRouter" in out and "generic" in out and "2 MoE layer(s)" in out
+    assert "Qwen3MoeTopKRouter" in out and "generic" in out and "24 MoE layer(s)" in out

@@ -346,3 +346,23 @@ def test_patch_reaches_routers_behind_accelerate_hooks():
     gate = model.model.layers[0].mlp.gate
     mb.unpatch(model)
     assert gate._old_forward.__func__ is type(gate).forward and "_mb_saved_old_forward" not in gate.__dict__
+
+
+def test_sigmoid_router_losses_use_probabilities_that_sum_to_one():
+    """DeepSeek-V3 scores with sigmoid; the aux loss must see them normalised over experts (they summed
+    to E/2 per token when the config's score_func was left at its softmax default)."""
+    model = tiny_model("deepseek_v3")
+    bal = mb.patch(model, aux_loss="switch", aux_loss_coef=1.0, bias_update="none")
+    seen = []
+    original = bal.observe
+
+    def spy(layer, logits, idx, mask=None, **kwargs):
+        seen.append(kwargs["scores"])
+        return original(layer, logits, idx, mask, **kwargs)
+    bal.observe = spy
+    model(**lm_batch())
+    assert seen and all(torch.allclose(s.sum(-1), torch.ones(s.shape[0])) for s in seen)
+    switch = bal.metrics()  # switch loss of a near-uniform tiny router is about 1, not about E/2
+    bal.loss()
+    bal.step()
+    assert bal.metrics()["aux_loss"] / bal.num_layers < 2.0, switch

@@ -43,7 +43,7 @@ def find_routers(model: nn.Module) -> list[dict[str, Any]]:
         cls = registry.original_class(module)
         if not registry.is_router_candidate(module):
             continue
-        strategy, score_func = registry.detect(module)
+        strategy, score_func = registry.detect(module, config)
         experts, top_k = registry.router_shape(module, config)
         found.append({"name": name, "class": cls.__name__, "num_experts": experts, "top_k": top_k,
                       "score_func": score_func, "strategy": strategy})

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..losses import scores_to_probs
 from ..scaling import BackwardScale, ScaleValue
 from .interception import SelectionInterceptor
 
@@ -172,7 +173,8 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     T = logits_TE.shape[0]
     bal = state.balancer
     segment_T = state.batch.segments_for(T, logits_TE.device) if bal.config.aux_loss == "seq" else None
-    scores = torch.sigmoid(logits_TE.float()) if site.score_func == "sigmoid" else None
+    # The router's own scores, normalised over experts as the losses expect (DeepSeek-V3's f*P does so).
+    scores = scores_to_probs(logits_TE, "sigmoid") if site.score_func == "sigmoid" else None
     # A reentrant recomputation is the only pass with grad: its loss must be attached, whatever attach_loss says.
     forced = recompute and record and not state.attach_loss
     loss = bal.observe(site.layer, logits_TE, idx_TK.reshape(T, -1), state.batch.mask_for(T), scores=scores,

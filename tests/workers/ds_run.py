@@ -64,6 +64,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3); p.add_argument("--rate", type=float, default=2e-3)
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--no-entry", action="store_true")
+    p.add_argument("--fp16", action="store_true", help="DeepSpeed fp16 with a static loss scale of 1024")
     a = p.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -80,6 +81,8 @@ def main():
               "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "torch_adam": True}},
               "zero_optimization": {"stage": a.stage}, "steps_per_print": 10**9,
               "moe_balance": {"bias_update": "sign", "bias_update_rate": a.rate}}
+    if a.fp16:
+        config["fp16"] = {"enabled": True, "loss_scale": 1024}
     if a.no_entry:
         del config["moe_balance"]
         import warnings
@@ -125,9 +128,12 @@ def main():
         if a.save and bal.num_steps == a.save and steps_seen.count(a.save) == 1:
             engine.save_checkpoint(str(Path(a.out) / "ckpt"), tag="t")
     after = measure()
+    from moe_balance.patching.api import patch_state_of
     result = {"rank": rank, "world": world, "losses": losses, "steps_seen": steps_seen, "num_steps": bal.num_steps,
               "calls": bal.reducer.calls, "bias": bal.bias_LE.tolist(), "before": before, "after": after,
-              "layers": bal.num_layers}
+              "layers": bal.num_layers, "backward_scale": float(patch_state_of(model).backward_scale()),
+              "optimizer": type(engine.optimizer).__name__,
+              "group_is_engine_dp": bal.reducer.group is not None and bal.reducer.group is mb_ds.data_parallel_group(engine)}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"rank{rank}.json").write_text(json.dumps(result))
 
