@@ -29,6 +29,7 @@ from .adaptive import AdaptiveCoef
 from .bias import BiasController
 from .config import BalanceConfig, resolve_config
 from .distributed import StepReducer
+from .quantile import margin_histogram
 from .losses import RoutingBatch, aux_loss, scores_to_probs, segments_from_seq_len, z_loss
 
 # Window statistics, in the order they are stacked for the all-reduce: name -> per-layer width
@@ -62,7 +63,9 @@ class Balancer(nn.Module):
         >>> import torch, moe_balance as mb
         >>> bal = mb.Balancer(mb.BalanceConfig(aux_loss="switch"), num_layers=1, num_experts=4, top_k=2)
         >>> logits_TE = torch.randn(16, 4, requires_grad=True)
-        >>> _ = bal.observe(0, logits_TE, logits_TE.topk(2).indices)
+        >>> probs_TE = logits_TE.softmax(-1)  # what this router ranks: top_k(probs + bias)
+        >>> idx_TK = (probs_TE.detach() + bal.bias_LE[0]).topk(2).indices
+        >>> _ = bal.observe(0, logits_TE, idx_TK, selection_scores=probs_TE)
         >>> bal.loss().backward(); bal.step()
         >>> sorted(bal.metrics())[:2]
         ['aux_coef', 'aux_loss']
@@ -86,9 +89,19 @@ class Balancer(nn.Module):
         # which makes the global-batch loss flat (no push) until loads have been measured.
         self.register_buffer("global_f_LE", torch.ones(L, E, dtype=torch.float32))
         self.register_buffer("aux_coef", torch.tensor(float(self.config.aux_loss_coef), dtype=torch.float32))
-        for name, width in _WINDOW_FIELDS:
+        # The quantile rule adds its margin histograms to the one all-reduce (see moe_balance.quantile).
+        self._window_fields = _WINDOW_FIELDS + ((("quantile_hist_LEB", "H"),) if self.config.uses_quantile else ())
+        for name, width in self._window_fields:
             self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
                                  persistent=True)
+        self.register_buffer("quantile_range_L", torch.ones(L, dtype=torch.float64))
+        self.register_buffer("last_delta_sign_LE", torch.zeros(L, E, dtype=torch.int8))
+        if self.config.expert_parallel_size > 1 and E % self.config.expert_parallel_size:
+            raise ValueError(f"BalanceConfig.expert_parallel_size={self.config.expert_parallel_size} must divide "
+                             f"num_experts={E}")
+        if self.config.uses_quantile and top_k >= num_experts:
+            raise ValueError(f"bias_update='quantile' needs top_k < num_experts (got top_k={top_k}, "
+                             f"num_experts={num_experts}): a token's cutoff is its (k+1)-th score")
         self.num_steps = 0
         self._has_ema = False
         self._home_checked = False  # see _follow
@@ -96,7 +109,8 @@ class Balancer(nn.Module):
         self.is_measuring = False  # inside measuring(): eval forwards are recorded too
         self._adaptive = AdaptiveCoef(self.config)
         self.aux_coef.fill_(self._adaptive.coef)
-        self._bias = BiasController(self.config, self.bias_LE, self.ema_LE)
+        self._bias = BiasController(self.config, self.bias_LE, self.ema_LE, self.last_delta_sign_LE,
+                                    self.quantile_range_L)
         self.reducer = StepReducer(process_group)
         self._pending: list[torch.Tensor] = []
         self.last_window: dict[str, torch.Tensor] | None = None
@@ -108,6 +122,8 @@ class Balancer(nn.Module):
             return (self.num_layers, self.num_experts)
         if width == "C":
             return (self.num_layers, len(self.config.capacity_factors))
+        if width == "H":
+            return (self.num_layers, self.num_experts, self.config.quantile_bins + 2)
         return (self.num_layers,)
 
     # ------------------------------------------------------------------ device
@@ -129,8 +145,9 @@ class Balancer(nn.Module):
     # ------------------------------------------------------------------ observe
     def observe(self, layer: int, router_logits: torch.Tensor, topk_idx: torch.Tensor,
                 mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
-                seq_len: int | None = None, segment_ids: torch.Tensor | None = None, collect: bool = True,
-                record: bool = True, dropped: torch.Tensor | None = None) -> torch.Tensor:
+                seq_len: int | None = None, segment_ids: torch.Tensor | None = None,
+                selection_scores: torch.Tensor | None = None, collect: bool = True, record: bool = True,
+                dropped: torch.Tensor | None = None) -> torch.Tensor:
         """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
 
         Args:
@@ -142,6 +159,8 @@ class Balancer(nn.Module):
             seq_len: tokens per sequence when ``T = B * S`` (the ``seq`` loss needs sequence boundaries).
             segment_ids: ``[T]`` integer id of the sequence each token belongs to, ids in ``[0, T)``, for
                 packed batches (several sequences per row); overrides ``seq_len``.
+            selection_scores: ``[T, E]`` the unbiased scores the router ranks (``top_k(scores + bias)``);
+                needed by ``bias_update="quantile"``.
             collect: also keep the loss for ``loss()``; adapters that attach it themselves pass False.
             record: add to the step window; False only computes the loss (e.g. a gradient-checkpoint
                 recomputation, whose tokens were already counted in the first forward).
@@ -168,6 +187,8 @@ class Balancer(nn.Module):
             if dropped is not None:
                 self.reported_dropped_sum_L[layer] += dropped.detach().to(home, torch.float64)
                 self.reported_batches_L[layer] += 1
+            if self.config.uses_quantile and not (self.is_measuring and selection_scores is None):
+                self._add_margins(layer, logits_TE, selection_scores, weight_T)  # prices need them, metrics do not
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
         total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, segments,
@@ -175,6 +196,17 @@ class Balancer(nn.Module):
         if collect:
             self._pending.append(total)
         return total
+
+    def _add_margins(self, layer: int, logits_TE: torch.Tensor, selection_scores: torch.Tensor | None,
+                     weight_T: torch.Tensor) -> None:
+        if selection_scores is None:
+            raise ValueError("observe: bias_update='quantile' needs selection_scores= (the unbiased scores the "
+                             "router ranks with top_k(scores + bias)); patched models pass them")
+        scores_TE = selection_scores.detach().reshape(logits_TE.shape[0], self.num_experts)
+        home = self.bias_LE.device
+        hist_EB = margin_histogram(scores_TE, self.bias_LE[layer].to(scores_TE.device), weight_T, self.top_k,
+                                   self.quantile_range_L[layer].to(scores_TE.device), self.config.quantile_bins)
+        self.quantile_hist_LEB[layer] += hist_EB.to(home, non_blocking=True)
 
     def _check(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None,
                scores: torch.Tensor | None, seq_len: int | None, segment_ids: torch.Tensor | None):
@@ -303,7 +335,11 @@ class Balancer(nn.Module):
         if not update_bias:
             return
         counts_LE = window["counts_LE"]
-        self._has_ema = self._bias.update(counts_LE, self.num_steps, self._has_ema)
+        if self.config.uses_quantile:
+            capacity_L = (window["tokens_L"] * self.top_k / self.num_experts).ceil()
+            self._bias.update_quantile(window["quantile_hist_LEB"], capacity_L, self.num_steps)
+        else:
+            self._has_ema = self._bias.update(counts_LE, self.num_steps, self._has_ema)
         totals_L1 = counts_LE.sum(-1, keepdim=True)
         f_LE = counts_LE * (self.num_experts / totals_L1.clamp_min(1.0))
         self.global_f_LE.copy_(torch.where(totals_L1 > 0, f_LE, self.global_f_LE.double()).float())
@@ -316,17 +352,17 @@ class Balancer(nn.Module):
             callback(self)
 
     def _reduce_window(self) -> dict[str, torch.Tensor]:
-        parts = [getattr(self, name) for name, _ in _WINDOW_FIELDS]
+        parts = [getattr(self, name) for name, _ in self._window_fields]
         flat = torch.cat([p.reshape(-1) for p in parts])
         reduced = self.reducer.all_reduce_sum(flat)
         window, offset = {}, 0
-        for (name, _), part in zip(_WINDOW_FIELDS, parts):
+        for (name, _), part in zip(self._window_fields, parts):
             window[name] = reduced[offset:offset + part.numel()].reshape(part.shape).clone()
             offset += part.numel()
         return window
 
     def _reset_window(self) -> None:
-        for name, _ in _WINDOW_FIELDS:
+        for name, _ in self._window_fields:
             getattr(self, name).zero_()
         self._home_checked = False
         self.window_index += 1
@@ -342,7 +378,7 @@ class Balancer(nn.Module):
 
         Example:
             >>> import torch, moe_balance as mb
-            >>> bal = mb.Balancer(num_layers=1, num_experts=4, top_k=1)
+            >>> bal = mb.Balancer(num_layers=1, num_experts=4, top_k=1, bias_update="sign")
             >>> with bal.measuring():
             ...     _ = bal.observe(0, torch.randn(8, 4), torch.zeros(8, 1, dtype=torch.long))
             >>> bal.last_window["counts_LE"].tolist()
@@ -374,7 +410,10 @@ class Balancer(nn.Module):
         Keys: ``maxvio_global`` (window), ``maxvio_batch`` (mean over micro-batches), ``cv``,
         ``load_entropy``, ``dead_experts``, ``min_max_ratio``, ``dropped@<cf>``, ``bias_abs_mean``,
         ``bias_abs_max``, ``aux_loss``, ``z_loss``, ``aux_coef``, ``tokens``, ``skipped_tokens``;
-        with ``per_layer`` also ``layer<i>/<name>``.
+        controller metrics ``bias_flip_share`` (experts whose bias move reversed direction this step),
+        ``maxvio_layer_median/p95/max`` and ``maxvio_worst_layer``; with ``expert_parallel_size > 1``
+        ``ep_imbalance`` (busiest expert-parallel rank's load over the mean, minus 1, mean over layers) and
+        ``ep_imbalance_max``; with ``per_layer`` also ``layer<i>/<name>``.
         """
         window = self.last_window if self.last_window is not None else self.current_window()
         per_layer = self.config.log_per_layer if per_layer is None else per_layer
@@ -405,11 +444,29 @@ class Balancer(nn.Module):
         out["aux_coef"] = float(self.aux_coef)
         out["tokens"] = float(window["tokens_L"].max())
         out["skipped_tokens"] = float(window["skipped_tokens_L"].sum())
+        out.update(self._controller_metrics(window["counts_LE"], active_L))
         reported_L = window["reported_batches_L"]
         if bool((reported_L > 0).any()):
             has = reported_L > 0
             out["capacity_dropped"] = float((window["reported_dropped_sum_L"][has] / reported_L[has]).mean())
         return dict(sorted(out.items()))
+
+    def _controller_metrics(self, counts_LE: torch.Tensor, active_L: torch.Tensor) -> dict[str, float]:
+        """What long runs watch: oscillation, the spread of balance over layers, the busiest EP rank."""
+        out = {"bias_flip_share": self._bias.flip_share}
+        if bool(active_L.any()):
+            maxvio_L = stats.maxvio(counts_LE)[active_L].double()
+            out["maxvio_layer_median"] = float(maxvio_L.median())
+            out["maxvio_layer_p95"] = float(torch.quantile(maxvio_L, 0.95))
+            out["maxvio_layer_max"] = float(maxvio_L.max())
+            out["maxvio_worst_layer"] = float(torch.nonzero(active_L).reshape(-1)[maxvio_L.argmax()])
+            ranks = self.config.expert_parallel_size
+            if ranks > 1:
+                per_rank_LN = counts_LE[active_L].reshape(-1, ranks, self.num_experts // ranks).sum(-1)
+                excess_L = per_rank_LN.amax(-1) / per_rank_LN.mean(-1).clamp_min(1e-12) - 1.0
+                out["ep_imbalance"] = float(excess_L.mean())
+                out["ep_imbalance_max"] = float(excess_L.max())
+        return out
 
     def load_matrix(self) -> torch.Tensor:
         """The ``[L, E]`` expert counts of the last completed window (or the open one)."""
@@ -447,6 +504,13 @@ class Balancer(nn.Module):
         extra = state_dict.get("_extra_state")
         if extra is not None:
             self.set_extra_state(extra)  # shape check first, with a clear message
+        # Window statistics are empty at a checkpoint, and states from another rule or an older version
+        # lack the quantile/flip buffers: keep ours for what is missing, drop windows we do not keep.
+        optional = {name for name, _ in _WINDOW_FIELDS} | {"quantile_hist_LEB", "quantile_range_L",
+                                                            "last_delta_sign_LE"}
+        own = self.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
+        state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})
         for name, buf in self.named_buffers():
             if name in state_dict and tuple(state_dict[name].shape) != tuple(buf.shape):
                 raise ValueError(f"Balancer state {name!r} has shape {tuple(state_dict[name].shape)}, "

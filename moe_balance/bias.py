@@ -9,6 +9,7 @@ over the whole step (all micro-batches, all ranks) and the relative error
 * ``sign_centered``: the sign update minus its mean, so ``sum(b)`` stays put
 * ``proportional``:  ``b_i += u * e_i``                    (relative error: u means the same at any batch size)
 * ``normalized``:    ``b += u * e / RMS(e)``              (update size independent of the load scale)
+* ``quantile``:      ``b = -price``, the price that admits ``T*k/E`` tokens (no rate; see ``quantile.py``)
 
 The bias lives in the space the router takes its top-k in: probabilities for most softmax
 routers, sigmoid scores for the DeepSeek-V3 family. A rate of 1e-3 is small on probabilities
@@ -22,6 +23,7 @@ import math
 import torch
 
 from .config import BalanceConfig
+from .quantile import next_range, prices_from_histogram
 
 
 def scheduled_rate(cfg: BalanceConfig, step: int) -> float:
@@ -71,12 +73,20 @@ def bias_delta(rule: str, error_LE: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 class BiasController:
-    """Owns the fp32 bias ``[L, E]`` and the EMA of load fractions; no autograd involved."""
+    """Owns the fp32 bias ``[L, E]`` and the EMA of load fractions; no autograd involved.
 
-    def __init__(self, cfg: BalanceConfig, bias_LE: torch.Tensor, ema_LE: torch.Tensor) -> None:
+    It also remembers the sign of each expert's last move, for the oscillation metric
+    (``flip_share``: experts whose update reversed direction this step, among those that moved twice).
+    """
+
+    def __init__(self, cfg: BalanceConfig, bias_LE: torch.Tensor, ema_LE: torch.Tensor,
+                 last_sign_LE: torch.Tensor, quantile_range_L: torch.Tensor) -> None:
         self.cfg = cfg
         self.bias_LE = bias_LE  # shared buffers owned by the Balancer module
         self.ema_LE = ema_LE
+        self.last_sign_LE = last_sign_LE
+        self.quantile_range_L = quantile_range_L
+        self.flip_share = 0.0
 
     @torch.no_grad()
     def update(self, counts_LE: torch.Tensor, step: int, has_ema: bool) -> bool:
@@ -98,8 +108,34 @@ class BiasController:
         if rate == 0.0 or cfg.bias_update == "none":
             return has_ema
         delta_LE = bias_delta(cfg.bias_update, load_error(load_LE.double()), rate)
-        new_bias = self.bias_LE.double() + torch.where(active_L1, delta_LE, torch.zeros_like(delta_LE))
-        if cfg.bias_clamp is not None:
-            new_bias = new_bias.clamp(-cfg.bias_clamp, cfg.bias_clamp)
-        self.bias_LE.copy_(new_bias.to(self.bias_LE.dtype))
+        self._apply(torch.where(active_L1, delta_LE, torch.zeros_like(delta_LE)))
         return has_ema
+
+    @torch.no_grad()
+    def update_quantile(self, hist_LEB: torch.Tensor, capacity_L: torch.Tensor, step: int) -> None:
+        """Quantile Balancing (see :mod:`moe_balance.quantile`): set each bias to the price that admits
+        ``capacity`` tokens, blended by ``bias_ema``; the schedule scales the move (1 = set)."""
+        cfg = self.cfg
+        rate = scheduled_rate(cfg, step)
+        active_L = capacity_L > 0
+        q_LE, clamped_LE = prices_from_histogram(hist_LEB, capacity_L.clamp_min(1.0), self.quantile_range_L)
+        self.quantile_range_L.copy_(torch.where(active_L, next_range(self.quantile_range_L, q_LE, clamped_LE),
+                                                self.quantile_range_L))
+        if rate == 0.0:
+            return
+        step_size = (rate / cfg.bias_update_rate) * (1.0 - cfg.bias_ema)
+        delta_LE = -step_size * q_LE
+        delta_LE = delta_LE - delta_LE.mean(-1, keepdim=True)  # prices are relative: keep sum(b) put
+        self._apply(torch.where(active_L[:, None], delta_LE, torch.zeros_like(delta_LE)))
+
+    def _apply(self, delta_LE: torch.Tensor) -> None:
+        old_LE = self.bias_LE.double()
+        new_bias = old_LE + delta_LE
+        if self.cfg.bias_clamp is not None:
+            new_bias = new_bias.clamp(-self.cfg.bias_clamp, self.cfg.bias_clamp)
+        self.bias_LE.copy_(new_bias.to(self.bias_LE.dtype))
+        sign_LE = torch.sign(self.bias_LE.double() - old_LE).to(torch.int8)
+        both_moved = (sign_LE != 0) & (self.last_sign_LE != 0)
+        flipped = both_moved & (sign_LE != self.last_sign_LE)
+        self.flip_share = float(flipped.sum()) / max(1, int(both_moved.sum()))
+        self.last_sign_LE.copy_(torch.where(sign_LE != 0, sign_LE, self.last_sign_LE))

@@ -5,8 +5,9 @@ DeepSpeed config, so one JSON object configures every integration.
 
 Defaults and their sources:
 
-* ``bias_update="sign"``, ``bias_update_rate=1e-3``: Loss-Free Balancing (Wang et al. 2024,
-  arXiv 2408.15664) found u = 1e-3 best; 1e-4 is slow, 1e-2 oscillates.
+* ``bias_update="quantile"``: Quantile Balancing (no rate; the same default for probabilities, sigmoid
+  scores, raw logits and DeepSpeed gates). ``"sign"`` with ``bias_update_rate=1e-3`` is Loss-Free
+  Balancing (Wang et al. 2024, arXiv 2408.15664: u = 1e-3 best; 1e-4 is slow, 1e-2 oscillates).
 * ``aux_loss="none"``: the loss-free bias is the default force; turn an auxiliary loss on
   explicitly. Typical weights: Switch 1e-2, DeepSeek-V3 sequence-wise 1e-4.
 * ``z_loss_coef=0``: ST-MoE (Zoph et al. 2022) uses 1e-3 when enabled.
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 
 AUX_LOSSES = ("none", "switch", "seq", "global_batch", "importance_cv", "load_cv",
               "kl_uniform", "entropy")
-BIAS_UPDATES = ("none", "sign", "sign_centered", "proportional", "normalized")
+BIAS_UPDATES = ("none", "sign", "sign_centered", "proportional", "normalized", "quantile")
 BIAS_SCHEDULES = ("constant", "step", "linear", "cosine")
 SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
@@ -83,8 +84,12 @@ class BalanceConfig:
     adaptive_max_coef: float = 1e-1
 
     # --- loss-free bias controller ---
-    bias_update: str = "sign"
+    bias_update: str = "quantile"
+    """One of ``BIAS_UPDATES``. ``quantile`` (default) needs no rate and works in any score space;
+    the rate rules (``sign`` ...) keep their paper semantics: the rate is in the units of the scores."""
     bias_update_rate: float = 1e-3
+    """Rate of the rate rules. For ``quantile`` only the schedule's shape matters (rate / this = share of
+    the price move applied; 1 = set the price)."""
     bias_schedule: str = "constant"
     """``constant``; ``step``: rate drops to 0 after ``bias_schedule_steps`` updates (DeepSeek-V3);
     ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``. The schedule starts when warm-up ends."""
@@ -96,6 +101,10 @@ class BalanceConfig:
     bias_clamp: float | None = None
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
+    quantile_bins: int = 64
+    """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
+    expert_parallel_size: int = 1
+    """Experts split in contiguous blocks over this many ranks; reports the busiest rank's excess load."""
 
     # --- metrics and robustness ---
     capacity_factors: tuple[float, ...] = (1.0, 1.25)
@@ -134,6 +143,8 @@ class BalanceConfig:
                 f"BalanceConfig.bias_schedule_steps=0 must be > 0 when bias_schedule="
                 f"{self.bias_schedule!r} (the step where the rate reaches 0)")
         _number("bias_warmup_steps", self.bias_warmup_steps, low=0, integer=True)
+        _number("quantile_bins", self.quantile_bins, low=4, high=4096, integer=True)
+        _number("expert_parallel_size", self.expert_parallel_size, low=1, integer=True)
         _number("bias_ema", self.bias_ema, low=0, high=1, high_open=True)
         if self.bias_clamp is not None:
             _number("bias_clamp", self.bias_clamp, low=0, low_open=True)
@@ -153,6 +164,10 @@ class BalanceConfig:
     @property
     def uses_bias(self) -> bool:
         return self.bias_update != "none"
+
+    @property
+    def uses_quantile(self) -> bool:
+        return self.bias_update == "quantile"
 
     @property
     def uses_aux(self) -> bool:

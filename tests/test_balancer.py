@@ -16,6 +16,7 @@ E, K = 8, 2
 
 
 def make(L=2, **cfg):
+    cfg.setdefault("bias_update", "sign")  # the rate rules' tests; quantile has its own (tests/test_quantile.py)
     return mb.Balancer(mb.BalanceConfig(**cfg), num_layers=L, num_experts=E, top_k=K)
 
 

@@ -27,6 +27,8 @@ BAD_VALUES = {
     "bias_ema": [1.0, -0.1],
     "bias_clamp": [0.0, -1.0],
     "bias_freeze": [1],
+    "quantile_bins": [2, 10_000, 8.0],
+    "expert_parallel_size": [0, 1.5],
     "capacity_factors": [(), (0.0,), (-1.0,)],
     "nan_policy": ["ignore"],
     "log_per_layer": ["no"],
@@ -71,7 +73,8 @@ def test_json_round_trip():
 
 def test_defaults_are_the_documented_ones():
     cfg = mb.BalanceConfig()
-    assert (cfg.bias_update, cfg.bias_update_rate, cfg.aux_loss, cfg.z_loss_coef) == ("sign", 1e-3, "none", 0.0)
+    assert (cfg.bias_update, cfg.bias_update_rate, cfg.aux_loss, cfg.z_loss_coef) == ("quantile", 1e-3, "none", 0.0)
+    assert cfg.quantile_bins == 64 and cfg.expert_parallel_size == 1
 
 
 def test_resolve_config_merges_keywords_and_checks_keys():

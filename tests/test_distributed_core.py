@@ -16,26 +16,28 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "workers" / "core_two_ranks.py"
 
 
-def single_process_reference():
+def single_process_reference(rule):
     E, K, T = 8, 2, 512
-    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3)
+    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3,
+                      bias_update=rule)
     routers = [SkewedRouter(num_tokens=T, num_experts=E, top_k=K, seed=layer) for layer in range(2)]
     grads = []
     for _ in range(6):
         for layer, router in enumerate(routers):
             logits, idx = router.route(bal.bias_LE[layer])
             logits.requires_grad_(True)
-            bal.observe(layer, logits, idx)
+            bal.observe(layer, logits, idx, selection_scores=torch.softmax(logits.detach(), -1))
             bal.loss().backward()
             grads.append(logits.grad)
         bal.step()
     return bal, grads
 
 
-def test_two_ranks_equal_one_rank(tmp_path):
-    run_torchrun(SCRIPT, str(tmp_path), nproc=2, timeout=300)
+@pytest.mark.parametrize("rule", ["sign", "quantile"])
+def test_two_ranks_equal_one_rank(rule, tmp_path):
+    run_torchrun(SCRIPT, str(tmp_path), rule, nproc=2, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    ref, ref_grads = single_process_reference()
+    ref, ref_grads = single_process_reference(rule)
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
     torch.testing.assert_close(ranks[0]["bias"], ref.bias_LE, rtol=0, atol=1e-7)
     assert ranks[0]["bias"].abs().max() > 0

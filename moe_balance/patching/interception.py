@@ -30,6 +30,7 @@ class SelectionInterceptor(TorchFunctionMode):
         self.argmax = argmax  # DeepSpeed's top-1/top-2 gates choose by argmax
         self.clone_logits = clone_logits  # DeepSpeed's top-2 adds noise to its logits in place
         self.logits: torch.Tensor | None = None
+        self.ranked: torch.Tensor | None = None  # what the first selection ranked, before our bias
         self.selections: list[torch.Tensor] = []
         self.used_sigmoid = False
 
@@ -70,6 +71,7 @@ class SelectionInterceptor(TorchFunctionMode):
             rest[name] = value
         indices = torch.topk(self._biased(x), k, dim=-1, **rest).indices
         values = x.gather(-1, indices)
+        self._remember(x)
         self.selections.append(indices)
         return torch.return_types.topk((values, indices))
 
@@ -78,9 +80,23 @@ class SelectionInterceptor(TorchFunctionMode):
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if dim is None or x.dim() != 2 or x.shape[-1] != self.num_experts or dim not in (-1, 1):
             return func(*args, **kwargs)
-        indices = torch.argmax(self._biased(x), dim=-1, keepdim=bool(kwargs.get("keepdim", False)))
+        if self.selections and self.ranked is not None:
+            # top-2's second pick ranks the (noised) logits with the first pick masked. Rank them as the
+            # first pick's probabilities instead: softmax over the rest times (1 - p_first) is p_j again
+            # (without noise), so both picks are argtop_2(p + b) and one bias means the same in both.
+            p_first_T1 = self.ranked.float().gather(-1, self.selections[0])
+            probs = torch.softmax(x.detach().float(), dim=-1) * (1.0 - p_first_T1)
+            choice = torch.where(torch.isneginf(x), torch.full_like(probs, float("-inf")), self._biased(probs))
+        else:
+            choice = self._biased(x)
+            self._remember(x)
+        indices = torch.argmax(choice, dim=-1, keepdim=bool(kwargs.get("keepdim", False)))
         self.selections.append(indices.reshape(-1, 1))
         return indices
+
+    def _remember(self, x: torch.Tensor) -> None:
+        if self.ranked is None:
+            self.ranked = x.detach()
 
     def _biased(self, x: torch.Tensor) -> torch.Tensor:
         """What the selection ranks: ``x + b`` in fp32 (no grad), keeping masked entries masked.

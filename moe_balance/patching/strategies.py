@@ -7,8 +7,10 @@ reads ``_mb_site`` (a :class:`RouterSite`: layer index, shared patch state) from
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +158,8 @@ def should_record(site: RouterSite, recompute: bool) -> bool | None:
 
 
 def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, output: Any,
-           dropped: torch.Tensor | None = None, weights_hint: int | None = None) -> Any:
+           dropped: torch.Tensor | None = None, weights_hint: int | None = None,
+           ranked_TE: torch.Tensor | None = None) -> Any:
     """Hand one router call to the balancer; attach the loss to the router output if asked."""
     state = site.state
     if state.selftest_hits is not None:
@@ -177,9 +180,10 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     scores = scores_to_probs(logits_TE, "sigmoid") if site.score_func == "sigmoid" else None
     # A reentrant recomputation is the only pass with grad: its loss must be attached, whatever attach_loss says.
     forced = recompute and record and not state.attach_loss
+    selection = selection_scores(site, logits_TE, ranked_TE) if bal.config.uses_quantile and record else None
     loss = bal.observe(site.layer, logits_TE, idx_TK.reshape(T, -1), state.batch.mask_for(T), scores=scores,
-                       segment_ids=segment_T, collect=not (state.attach_loss or recompute), record=record,
-                       dropped=dropped)
+                       segment_ids=segment_T, selection_scores=selection,
+                       collect=not (state.attach_loss or recompute), record=record, dropped=dropped)
     if forced and loss.requires_grad and not state.warned_recompute_attach:
         state.warned_recompute_attach = True
         warnings.warn("moe_balance: reentrant gradient checkpointing computes the balance loss during backward; "
@@ -189,6 +193,23 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     if (state.attach_loss or forced) and loss.requires_grad:
         return attach_to_output(site, output, loss, raw_logits, weights_hint)
     return output
+
+
+def selection_scores(site: RouterSite, logits_TE: torch.Tensor, ranked_TE: torch.Tensor | None) -> torch.Tensor:
+    """The unbiased scores the router ranks (quantile prices are quantiles of these).
+
+    Interception saw them (minus the model's own bias buffer, already added by its code when it has
+    one); for native-bias routers they are the router's scores of its logits.
+    """
+    if ranked_TE is None:
+        return scores_to_probs(logits_TE, site.score_func) if site.score_func == "softmax" \
+            else torch.sigmoid(logits_TE.float())
+    ranked_TE = ranked_TE.reshape(logits_TE.shape[0], -1).float()
+    if site.strategy == "group_limited":  # experts of excluded groups (zeroed) cannot be bought by a price
+        ranked_TE = ranked_TE.masked_fill(ranked_TE == 0, float("-inf"))
+    if site.native_owner is not None:
+        ranked_TE = ranked_TE - site.native_bias.detach().float().reshape(-1).to(ranked_TE.device)
+    return ranked_TE
 
 
 def _weights_index(output: tuple, logits: torch.Tensor, top_k: int) -> int | None:
@@ -246,7 +267,8 @@ class InterceptSelection:
         if logits is None:
             logits = next(t for t in (output if isinstance(output, tuple) else (output,))
                           if isinstance(t, torch.Tensor) and t.shape[-1] == site.num_experts)
-        return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index)
+        return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index,
+                      mode.ranked)
 
     _mb_weights_index: int | None = None  # None: found from the output (see _weights_index)
 
@@ -313,9 +335,34 @@ class NativeBiasSync:
     def __call__(self, balancer) -> None:
         if not balancer.config.uses_bias:
             return
-        for site in self.sites:
-            buf = site.native_bias
-            buf.copy_(balancer.bias_LE[site.layer].reshape(buf.shape).to(device=buf.device, dtype=buf.dtype))
+        with gathered([site.native_bias for site in self.sites], modify=True):
+            for site in self.sites:
+                buf = site.native_bias
+                buf.copy_(balancer.bias_LE[site.layer].reshape(buf.shape).to(device=buf.device, dtype=buf.dtype))
+
+
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``tensor``, or of the whole parameter when ZeRO-3 partitioned it (its ``.shape``
+    is then ``[0]`` outside the engine's forward; ``ds_shape`` holds the full one)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+@contextmanager
+def gathered(tensors: list[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """Make ZeRO-3 partitioned parameters among ``tensors`` whole for the block (a no-op for others).
+
+    AFMoE keeps its selection bias as a frozen ``nn.Parameter``, which ZeRO-3 partitions like any
+    weight. A collective: every rank of the parameters' group must enter it in the same order. With
+    ``modify``, rank 0's values are broadcast and re-partitioned on exit (every rank holds the same
+    master bias after the step's all-reduce, so this changes nothing but the shards).
+    """
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield
 
 
 NATIVE_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
@@ -329,7 +376,8 @@ def find_native_bias(router: torch.nn.Module, parent: torch.nn.Module | None,
     for owner in owners:
         for attr in NATIVE_BIAS_NAMES:
             value = getattr(owner, attr, None)
-            if isinstance(value, torch.Tensor) and value.numel() == num_experts and value.shape[-1] == num_experts:
+            shape = full_shape(value) if isinstance(value, torch.Tensor) else ()
+            if len(shape) >= 1 and math.prod(shape) == num_experts and shape[-1] == num_experts:
                 return owner, attr
     return None
 

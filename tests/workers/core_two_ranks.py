@@ -12,11 +12,12 @@ from moe_balance.testing import SkewedRouter
 STEPS, E, K, T = 6, 8, 2, 512
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, rule: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, f"expected 2 ranks, got {world}"
-    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3)
+    bal = mb.Balancer(num_layers=2, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3,
+                      bias_update=rule)
     routers = [SkewedRouter(num_tokens=T, num_experts=E, top_k=K, seed=layer) for layer in range(2)]
     grads = []
     for _ in range(STEPS):
@@ -24,7 +25,7 @@ def main(out_dir: str) -> None:
             logits, idx = router.route(bal.bias_LE[layer])  # same global batch on every rank
             half = slice(rank * T // 2, (rank + 1) * T // 2)
             mine = logits[half].clone().requires_grad_(True)
-            bal.observe(layer, mine, idx[half])
+            bal.observe(layer, mine, idx[half], selection_scores=torch.softmax(logits[half].detach(), -1))
             bal.loss().backward()
             grads.append(mine.grad)
         bal.step()
@@ -34,4 +35,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
