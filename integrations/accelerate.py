@@ -17,10 +17,18 @@ wraps the prepared optimizer's ``step`` so the balancer steps (one all-reduce, b
 when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; registers the balancer for
 ``save_state``/``load_state``; and sends ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every``
 steps when trackers are set up.
+
+The step's all-reduce sums the counts over the ranks that route different tokens: with a
+``ParallelismConfig`` (FSDP2, HSDP, context parallel) that is the accelerator's ``dp_cp`` mesh group
+(data-parallel replicate x shard x context parallel), not tensor-parallel ranks, which see the same tokens;
+without a mesh, WORLD. With a device mesh of your own (plain ``fully_shard``), pass its group to
+``moe_balance.patch(model, process_group=mesh.get_group("dp"))`` (flatten several data/context dimensions
+first: ``mesh["dp", "cp"]._flatten("dp_cp").get_group()``).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 from collections.abc import Mapping
 
@@ -52,7 +60,10 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
     unwrapped = accelerator.unwrap_model(model)
     if not any(accelerator.unwrap_model(m) is unwrapped for m in accelerator._models):
         raise ValueError("attach() needs the model returned by accelerator.prepare(...): call it after prepare")
-    balancer = patching.patch(unwrapped, cfg, attach_loss=attach_loss)
+    group = data_parallel_group(accelerator)
+    balancer = patching.patch(unwrapped, cfg, attach_loss=attach_loss, process_group=group)
+    if group is not None:  # also when the model was patched before, with the default (WORLD)
+        balancer.reducer.group = group
     # accelerator.backward divides by the accumulation steps and multiplies by its GradScaler's (or the
     # DeepSpeed engine's) loss scale; the attached loss gets the same factors.
     patching.patch_state_of(unwrapped).backward_scale = BackwardScale(
@@ -62,6 +73,34 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
     return balancer
 
 
+def data_parallel_group(accelerator: Any) -> Any:
+    """The process group whose ranks route different tokens: the accelerator's device mesh flattened over
+    data-parallel replicate/shard and context-parallel dimensions (``dp_cp``). None (WORLD) without a mesh,
+    or when no such dimension is larger than 1 (every rank then routes the same tokens: summing them over
+    WORLD multiplies all counts alike, so only the ``tokens`` metric grows)."""
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    config = getattr(accelerator, "parallelism_config", None)
+    if mesh is None or config is None or not config.dp_cp_dim_names:
+        return None
+    return mesh["dp_cp"].get_group()
+
+
+def _called_by_checkpoint_init(depth: int = 6) -> bool:
+    """True when torch.distributed.checkpoint's ``_init_optim_state`` runs the optimizer step: its
+    ``get/set_optimizer_state_dict`` (accelerate's FSDP ``save_state``/``load_state``) fill an empty
+    optimizer state with one step at lr 0 on zero gradients. Looked up the stack (an LR scheduler may
+    wrap ``step`` again); lr 0 alone would not tell it from a warmup's first real step."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and \
+                frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: int) -> None:
     if getattr(optimizer, "_moe_balance_wrapped", False):
         raise ValueError("this optimizer already drives a moe_balance Balancer")
@@ -69,6 +108,8 @@ def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: 
 
     def step(*args: Any, **kwargs: Any):
         result = original_step(*args, **kwargs)
+        if _called_by_checkpoint_init():
+            return result  # no training step: nothing was routed, the window must stay open
         if not accelerator.sync_gradients:
             return result  # inside accumulate(): no real step yet, keep counting
         if optimizer.step_was_skipped:

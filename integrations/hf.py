@@ -228,6 +228,11 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.balancer is None:  # rebuilt by restore_callback_states_from_checkpoint=True: adopt the patch
             self._adopt(args, model)
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        engine = getattr(trainer, "deepspeed", None) if trainer is not None else None
+        if engine is not None:  # built by train() just before: sum over its data-parallel group, not WORLD
+            from .deepspeed import data_parallel_group
+            self.balancer.reducer.group = data_parallel_group(engine)
         if self.write_stats and state.is_world_process_zero:
             self._stats = StatsWriter(Path(args.output_dir) / STATS_FILE)
         if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json is loaded by now

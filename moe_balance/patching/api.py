@@ -15,7 +15,8 @@ from ..balancer import Balancer
 from ..config import BalanceConfig, resolve_config
 from . import registry
 from ..balancer import load_state_file
-from .strategies import STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias
+from .strategies import (STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias,
+                         gathered)
 
 _ATTR = "_moe_balance"
 _CLASS_CACHE: dict[tuple[str, type], type] = {}
@@ -142,9 +143,10 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
             # The model adds its own bias buffer: the master (fp32) starts from it and is written back
             # after every step, so save_pretrained ships the trained bias to stock transformers.
             site.native_owner, site.native_attr = native
-            site.native_original = site.native_bias.detach().clone()
-            if site.native_bias.device.type != "meta":  # offloaded: nothing to read; the master starts at 0
-                balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
+            with gathered([site.native_bias]):  # a ZeRO-3 partitioned parameter (AFMoE) is read whole
+                site.native_original = site.native_bias.detach().clone()
+                if site.native_bias.device.type != "meta":  # offloaded: nothing to read; the master starts at 0
+                    balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
         patch_state.sites.append(site)
     native_sites = [s for s in patch_state.sites if s.native_owner is not None]
     if native_sites:
@@ -270,7 +272,7 @@ def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
         if "_mb_saved_old_forward" in site.module.__dict__:
             site.module.__dict__["_old_forward"] = site.module.__dict__.pop("_mb_saved_old_forward")
         if site.native_original is not None and not keep_native_bias:
-            with torch.no_grad():
+            with torch.no_grad(), gathered([site.native_bias], modify=True):
                 buf = site.native_bias
                 buf.copy_(site.native_original.to(buf.device))
     config = getattr(model, "config", None)

@@ -134,7 +134,8 @@ def main():
               "calls": bal.reducer.calls, "bias": bal.bias_LE.tolist(), "before": before, "after": after,
               "layers": bal.num_layers, "backward_scale": float(patch_state_of(model).backward_scale()),
               "optimizer": type(engine.optimizer).__name__,
-              "group_is_engine_dp": bal.reducer.group is not None and bal.reducer.group is mb_ds.data_parallel_group(engine)}
+              "group_is_engine_dp": bal.reducer.group is not None
+              and bal.reducer.group is mb_ds.data_parallel_group(engine)}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"rank{rank}.json").write_text(json.dumps(result))
 
