@@ -6,6 +6,7 @@
 Variants, timed interleaved (one step of each in turn) after warm-up, median of --steps:
   unpatched            the stock model
   bias                 patched, loss-free bias only (sign rule)
+  quantile             patched, Quantile Balancing (the default: margin histograms in observe)
   bias+aux+z           patched, bias + global-batch aux loss + z-loss (attached to the router outputs)
   hf_aux               stock model with transformers' own output_router_logits=True aux loss
 A step is forward + backward + AdamW step (+ Balancer.step where patched). Memory is what autograd
@@ -33,6 +34,7 @@ from moe_balance.testing import tiny_model
 VARIANTS = {
     "unpatched": None,
     "bias": {"bias_update": "sign"},
+    "quantile": {"bias_update": "quantile"},
     "bias+aux+z": {"bias_update": "sign", "aux_loss": "global_batch", "aux_loss_coef": 1e-3, "z_loss_coef": 1e-3},
     "hf_aux": None,
 }

@@ -1,16 +1,23 @@
 """Balance quality of every method on one byte-level LM task, same seed and token budget for all.
 
-    python benchmarks/quality.py --quick            # ~10 min on 2 CPU cores
-    python benchmarks/quality.py                    # the full run (see README for its wall time)
-    python benchmarks/quality.py --quick --steps 20 --seeds 1 --methods none,sign   # smoke
+    python benchmarks/quality.py --quick            # 4 seeds, 300 steps, hidden 64 (see README for the wall time)
+    python benchmarks/quality.py                    # the full shape: 1500 steps, hidden 128, 2 seeds, fewer rows
+    python benchmarks/quality.py --quick --steps 20 --seeds 1 --methods none,sign_1e-3   # smoke
 
 Data: the Python standard library's own .py sources (no test/, no site-packages), sorted and
 hashed; every 10th file is held out. Model: a transformers Qwen3-MoE built from a config
-(4 layers, 16 experts, top-2). Each method trains from the same seed on the same batches; the
-table reports held-out loss (and bits per byte), MaxVio over the whole held-out set ("global")
-and per held-out batch ("batch"), dead experts, the share of assignments over capacity at
-capacity factors 1.0 and 1.25, and the median step time. Results: Markdown + CSV + a MaxVio plot
-in --out.
+(4 layers, 16 experts, top-2) whose routers are skewed at the start (a collapsed router: the
+methods must rebalance it). Each method trains from the same seed on the same batches.
+
+Two phases:
+* learning router: the table reports held-out loss (and bits per byte), MaxVio over the whole
+  held-out set ("global") and per held-out batch, dead experts, "steps to balance" (the first step
+  from which the training-window MaxVio stays below twice its sampling floor, printed beside it)
+  and the median step time;
+* frozen router (``--frozen-steps``; as under LoRA, where the bias is the only balancing force):
+  steps to balance only.
+Mean ± std [min-max] over seeds. Tiny-model trajectories vary by machine and by seed: compare rows
+of one run, not numbers across machines. Results: Markdown + CSV + a MaxVio plot in --out.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from pathlib import Path
 import torch
 
 import moe_balance as mb
-from moe_balance.testing import batches, evaluate_heldout, stdlib_corpus, tiny_model
+from moe_balance import stats
+from moe_balance.testing import batches, evaluate_heldout, skew_routers, stdlib_corpus, tiny_model
 
 # name -> (BalanceConfig fields, transformers' own router_aux_loss_coef or None)
 METHODS: dict[str, tuple[dict, float | None]] = {
@@ -44,14 +52,45 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "normalized_1e-3": ({"bias_update": "normalized", "bias_update_rate": 1e-3}, None),
     "sign+seq_1e-4": ({"bias_update": "sign", "bias_update_rate": 1e-3, "aux_loss": "seq", "aux_loss_coef": 1e-4},
                       None),
+    "sign_1e-2": ({"bias_update": "sign", "bias_update_rate": 1e-2}, None),
+    "quantile": ({"bias_update": "quantile"}, None),
+    "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
 }
+QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
+                 "quantile", "quantile+seq_1e-4"]
+FULL_METHODS = ["none", "hf_aux_1e-2", "sign_1e-3", "sign+seq_1e-4", "quantile"]
+FROZEN_METHODS = ["none", "sign_1e-3", "sign_1e-2", "quantile"]
+EXPERTS, TOP_K = 16, 2
 
 
-def build(seed: int, hidden: int, hf_coef: float | None):
+def build(seed: int, hidden: int, hf_coef: float | None, sample: torch.Tensor):
     extra = {"output_router_logits": hf_coef is not None, "router_aux_loss_coef": hf_coef or 0.0}
-    return tiny_model("qwen3_moe", seed=seed, experts=16, top_k=2, vocab_size=256, hidden_size=hidden,
-                      intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, **extra)
+    model = tiny_model("qwen3_moe", seed=seed, experts=EXPERTS, top_k=TOP_K, vocab_size=256, hidden_size=hidden,
+                       intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, **extra)
+    skew_routers(model, sample, strength=3.0)  # a collapsed start
+    return model
+
+
+def sampling_floor(tokens: int, repeats: int = 200) -> float:
+    """Mean MaxVio of perfectly balanced routing (k distinct experts uniformly at random per token)
+    measured on ``tokens`` tokens: what a window of that size shows even when nothing is wrong."""
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(repeats):
+        idx = torch.rand(tokens, EXPERTS, generator=gen).topk(TOP_K).indices
+        counts = torch.zeros(EXPERTS, dtype=torch.float64).index_add_(0, idx.reshape(-1),
+                                                                      torch.ones(idx.numel(), dtype=torch.float64))
+        values.append(float(stats.maxvio(counts[None])[0]))
+    return statistics.mean(values)
+
+
+def steps_to_balance(curve: list[float], bound: float) -> int | None:
+    """First step from which the training-window MaxVio stays below ``bound`` (None: never)."""
+    for step in range(len(curve)):
+        if all(v < bound for v in curve[step:]):
+            return step + 1
+    return None
 
 
 def evaluate(model, balancer, val, n_batches: int) -> dict[str, float]:
@@ -61,14 +100,17 @@ def evaluate(model, balancer, val, n_batches: int) -> dict[str, float]:
             "dropped@1.25": m["dropped@1.25"]}
 
 
-def run_one(name: str, seed: int, args, train, val) -> dict:
+def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: bool) -> dict:
     fields, hf_coef = METHODS[name]
-    model = build(seed, args.hidden, hf_coef)
+    model = build(seed, args.hidden, hf_coef, sample)
     balancer = mb.patch(model, mb.BalanceConfig(**fields), attach_loss=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if frozen:  # LoRA-like: the routers do not learn, the bias is the only balancing force
+        for site in mb.patching.patch_state_of(model).sites:
+            site.module.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, args.batch, args.seq, seed=seed)
     times, curve = [], []
-    for step in range(args.steps):
+    for _ in range(steps):
         ids = next(stream)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss  # includes transformers' aux when hf_coef is set
@@ -77,41 +119,54 @@ def run_one(name: str, seed: int, args, train, val) -> dict:
         optimizer.zero_grad()
         balancer.step()
         times.append(time.perf_counter() - start)
-        curve.append((step, balancer.metrics()["maxvio_global"]))
-    row = {"method": name, "seed": seed, **evaluate(model, balancer, val, args.eval_batches),
+        curve.append(balancer.metrics()["maxvio_global"])
+    reached = steps_to_balance(curve, 2 * args.floor)
+    row = {"method": name, "seed": seed, "frozen": frozen, "steps_to_balance": reached if reached else math.nan,
            "step_ms": 1e3 * statistics.median(times)}
+    if not frozen:
+        row.update(evaluate(model, balancer, val, args.eval_batches))
     return {"row": row, "curve": curve}
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def _stat(values: list[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "missing": len(values)}
+    return {"mean": statistics.mean(finite), "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0,
+            "min": min(finite), "max": max(finite), "missing": len(values) - len(finite)}
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
-        summary = {"method": name, "seeds": len(mine)}
-        for key in ("val_loss", "bpb", "maxvio_global", "maxvio_batch", "dead_experts", "dropped@1.0",
-                    "dropped@1.25", "step_ms"):
-            values = [r[key] for r in mine]
-            summary[key] = statistics.mean(values)
-            summary[key + "_spread"] = (max(values) - min(values)) / 2
-        out.append(summary)
+        out.append({"method": name, "seeds": len(mine), **{k: _stat([r[k] for r in mine]) for k in keys}})
     return out
 
 
-def markdown(summary: list[dict], header: str) -> str:
-    cols = [("val loss", "val_loss", 3), ("bits/byte", "bpb", 3), ("MaxVio global", "maxvio_global", 2),
-            ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1), ("drop@1.0", "dropped@1.0", 3),
-            ("drop@1.25", "dropped@1.25", 3), ("step ms", "step_ms", 0)]
-    lines = [header, "", "| method | " + " | ".join(c[0] for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+def _cell(stat: dict[str, float], digits: int) -> str:
+    if math.isnan(stat["mean"]):
+        return "never"
+    text = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} [{stat['min']:.{digits}f}-{stat['max']:.{digits}f}]"
+    return text + (f" ({stat['missing']} never)" if stat["missing"] else "")
+
+
+def markdown(summary: list[dict], cols: list[tuple[str, str, int]], header: str) -> str:
+    lines = [header, "", "| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for s in summary:
-        cells = [f"{s[k]:.{d}f} ± {s[k + '_spread']:.{d}f}" for _, k, d in cols]
-        lines.append(f"| {s['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s['method']} | " + " | ".join(_cell(s[k], d) for _, k, d in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxvio_global", 2),
+                 ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
+                 ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
+FROZEN_COLS = [("steps to balance (frozen router)", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="hidden 64, 300 steps, 2 seeds")
+    p.add_argument("--quick", action="store_true", help="hidden 64, 300 steps, 4 seeds, more rows")
     p.add_argument("--steps", type=int)
     p.add_argument("--seeds", type=int)
     p.add_argument("--hidden", type=int)
@@ -119,49 +174,68 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", help="learning-router rows (default: a set per mode)")
+    p.add_argument("--frozen-methods", help="frozen-router rows ('' to skip)")
+    p.add_argument("--frozen-steps", type=int, default=30)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     args.steps = args.steps or (300 if args.quick else 1500)
-    args.seeds = args.seeds or (2 if args.quick else 3)
+    args.seeds = args.seeds or (4 if args.quick else 2)
     args.hidden = args.hidden or (64 if args.quick else 128)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    methods = [m for m in (args.methods or ",".join(QUICK_METHODS if args.quick else FULL_METHODS)).split(",") if m]
+    frozen = [m for m in (",".join(FROZEN_METHODS) if args.frozen_methods is None else args.frozen_methods
+                          ).split(",") if m]
+    unknown = [m for m in methods + frozen if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train, digest = stdlib_corpus(max_bytes=8_000_000)
     val, _ = stdlib_corpus(split="val")
+    sample = next(batches(train, 8, 64, seed=9))
+    args.floor = sampling_floor(args.batch * args.seq)
     print(f"corpus: stdlib .py sources, file-list hash {digest}; {train.numel():,} train / {val.numel():,} "
           f"held-out bytes; {args.steps} steps x {args.batch}x{args.seq} bytes, seeds {args.seeds}, "
-          f"hidden {args.hidden}", flush=True)
+          f"hidden {args.hidden}; training-window sampling floor {args.floor:.3f} "
+          f"(steps to balance: below {2 * args.floor:.3f})", flush=True)
     wall = time.time()
-    rows, curves = [], {}
+    rows, frozen_rows, curves = [], [], {}
     for seed in range(args.seeds):
         for name in methods:
-            result = run_one(name, seed, args, train, val)
+            result = run_one(name, seed, args, train, val, sample, args.steps, frozen=False)
             rows.append(result["row"])
             curves.setdefault(name, result["curve"])
             r = result["row"]
             print(f"  seed {seed} {name:<18} val {r['val_loss']:.3f}  MaxVio {r['maxvio_global']:.3f}  "
-                  f"dead {r['dead_experts']:.0f}  {r['step_ms']:.0f} ms/step", flush=True)
-    summary = summarize(rows)
+                  f"dead {r['dead_experts']:.0f}  balanced at {r['steps_to_balance']}  {r['step_ms']:.0f} ms/step",
+                  flush=True)
+        for name in frozen:
+            r = run_one(name, seed, args, train, val, sample, args.frozen_steps, frozen=True)["row"]
+            frozen_rows.append(r)
+            print(f"  seed {seed} frozen {name:<11} balanced at {r['steps_to_balance']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
-    header = (f"Quality ({tag}): Qwen3-MoE 4 layers, hidden {args.hidden}, 16 experts top-2; {args.steps} steps of "
-              f"{args.batch}x{args.seq} stdlib bytes; held-out {args.eval_batches}x16x128 bytes; mean ± half-range "
-              f"over {args.seeds} seeds; corpus hash {digest}; wall {time.time() - wall:.0f} s")
-    table = markdown(summary, header)
+    header = (f"Quality ({tag}): Qwen3-MoE 4 layers, hidden {args.hidden}, {EXPERTS} experts top-{TOP_K}, routers "
+              f"skewed at the start; {args.steps} steps of {args.batch}x{args.seq} stdlib bytes, AdamW {args.lr}; "
+              f"held-out {args.eval_batches}x16x128 bytes; mean ± std [min-max] over {args.seeds} seeds; "
+              f"training-window sampling floor {args.floor:.3f} (balanced = below {2 * args.floor:.3f} from then on); "
+              f"corpus hash {digest}; wall {time.time() - wall:.0f} s")
+    table = ""
+    if rows:
+        table += markdown(summarize(rows, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
+    if frozen_rows:
+        table += "\n" + markdown(summarize(frozen_rows, ("steps_to_balance", "step_ms")), FROZEN_COLS,
+                                 f"Frozen router (as under LoRA): {args.frozen_steps} steps, same start and data")
     (out / f"quality_{tag}.md").write_text(table)
+    all_rows = rows + frozen_rows
+    fields = list(dict.fromkeys(k for r in all_rows for k in r))
     with (out / f"quality_{tag}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(all_rows)
     (out / f"quality_{tag}_curves.json").write_text(json.dumps(curves))
     try:
         from moe_balance.plot import plot_maxvio
-        plot_maxvio({n: ([s for s, _ in c], [v for _, v in c]) for n, c in curves.items()},
+        plot_maxvio({n: (list(range(len(c))), c) for n, c in curves.items()},
                     out / f"quality_{tag}_maxvio.png", smooth=max(1, args.steps // 20),
                     title=f"training-window MaxVio (seed 0, moving average of {max(1, args.steps // 20)} steps)")
     except ImportError:

@@ -30,7 +30,7 @@ def main() -> None:
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    balancer = attach(accelerator, model, optimizer, bias_update="sign", aux_loss="global_batch")  # <-- added
+    balancer = attach(accelerator, model, optimizer, aux_loss="global_batch")  # <-- added
     for batch in loader:
         with accelerator.accumulate(model):
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss

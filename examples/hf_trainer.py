@@ -45,7 +45,7 @@ def main() -> None:
     trainer = Trainer(
         model=model, args=training_args,
         train_dataset=ByteWindows(train, 64, 20_000), eval_dataset=ByteWindows(val, 64, 128),
-        callbacks=[MoEBalanceCallback(bias_update="sign", aux_loss="global_batch", aux_loss_coef=1e-3)],  # <-- added
+        callbacks=[MoEBalanceCallback(aux_loss="global_batch", aux_loss_coef=1e-3)],  # <-- added (bias: quantile)
     )
     trainer.train()
     print({k: round(v, 4) for k, v in trainer.evaluate().items() if "moe_balance" in k or k == "eval_loss"})

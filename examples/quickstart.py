@@ -5,7 +5,8 @@
 
 A tiny Mixtral (4 layers, 16 experts, top-2) is built from a config and its routers are skewed
 towards a few experts, the way a collapsed router looks. It then trains on the standard
-library's own ``.py`` files (byte-level, no downloads) with the loss-free sign rule. Live line:
+library's own ``.py`` files (byte-level, no downloads) with the default rule, Quantile Balancing
+(``--rule sign --rate 1e-3`` for the Loss-Free paper's sign rule). Live line:
 LM loss and MaxVio of the current step; at the end a before/after table on held-out files and a
 layer x expert heatmap (``OUT/heatmap.png``) plus the run plot (``OUT/balance.png``).
 """
@@ -34,7 +35,8 @@ def evaluate(model, balancer, val):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--rate", type=float, default=1e-3, help="bias update rate u (sign rule)")
+    parser.add_argument("--rule", default="quantile", help="bias_update: quantile (default, no rate), sign, ...")
+    parser.add_argument("--rate", type=float, default=1e-3, help="bias update rate u of the rate rules (sign, ...)")
     parser.add_argument("--out", default="runs/quickstart")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -47,12 +49,13 @@ def main(argv=None) -> int:
     model = tiny_model("mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        experts=16, top_k=2)
     skew_routers(model, next(batches(train, 8, 64, seed=9)), strength=3.0)
-    balancer = mb.patch(model, mb.BalanceConfig(bias_update="sign", bias_update_rate=args.rate))
+    balancer = mb.patch(model, mb.BalanceConfig(bias_update=args.rule, bias_update_rate=args.rate))
     before, loads_before = evaluate(model, balancer, val)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stats = StatsWriter(out / "moe_balance_stats.jsonl")
     stats.path.unlink(missing_ok=True)
+    print(f"bias rule: {args.rule}" + (f" (rate {args.rate:g})" if args.rule != "quantile" else " (no rate)"))
     stream, start = batches(train, 16, 64), time.time()
     for step in range(1, args.steps + 1):
         ids = next(stream)

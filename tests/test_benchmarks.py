@@ -25,15 +25,19 @@ def run(*args: str, cwd) -> str:
 def test_quality_quick_smoke(tmp_path):
     out = run(str(ROOT / "benchmarks" / "quality.py"), "--quick", "--steps", "6", "--seeds", "2",
               "--methods", "none,sign_1e-3,global_batch_1e-2,hf_aux_1e-2", "--eval-batches", "2",
-              "--out", str(tmp_path), cwd=tmp_path)
+              "--frozen-methods", "quantile", "--frozen-steps", "3", "--out", str(tmp_path), cwd=tmp_path)
     assert "file-list hash" in out
+    assert "sampling floor" in out
     rows = list(csv.DictReader((tmp_path / "quality_quick.csv").open()))
-    assert len(rows) == 8 and {r["method"] for r in rows} == {"none", "sign_1e-3", "global_batch_1e-2",
-                                                               "hf_aux_1e-2"}
-    for r in rows:
+    learning = [r for r in rows if r["frozen"] == "False"]
+    assert len(learning) == 8 and {r["method"] for r in learning} == {"none", "sign_1e-3", "global_batch_1e-2",
+                                                                       "hf_aux_1e-2"}
+    assert [r["method"] for r in rows if r["frozen"] == "True"] == ["quantile", "quantile"]
+    for r in learning:
         assert float(r["val_loss"]) > 0 and float(r["maxvio_global"]) >= 0 and float(r["step_ms"]) > 0
     table = (tmp_path / "quality_quick.md").read_text()
-    assert table.count("\n| ") == 5  # header row + 4 methods
+    assert table.count("\n| ") == 5 + 2  # header + 4 methods, then the frozen table's header + 1 method
+    assert "steps to balance" in table
     assert (tmp_path / "quality_quick_maxvio.png").exists()
 
 
@@ -42,7 +46,7 @@ def test_overhead_toy_smoke(tmp_path):
               "--archs", "mixtral", "--json", str(tmp_path / "o.json"), cwd=tmp_path)
     assert "all-reduce calls per step: 1" in out
     data = json.loads((tmp_path / "o.json").read_text())
-    assert set(data["mixtral"]["step_ms"]) == {"unpatched", "bias", "bias+aux+z", "hf_aux"}
+    assert set(data["mixtral"]["step_ms"]) == {"unpatched", "bias", "quantile", "bias+aux+z", "hf_aux"}
     assert data["step_60x256"]["calls"] == data["step_60x256"]["steps"] == 5
 
 

@@ -150,3 +150,13 @@ def test_default_config_rebalances_every_score_space(model_type):
     result = train_skewed(model_type, 60, **mb.BalanceConfig().to_dict())
     assert result["start_maxvio"] > 2.0
     assert result["end_maxvio"] < 1.0 and result["end_maxvio"] < result["start_maxvio"] / 3, result
+
+
+def test_quantile_observe_does_not_sync_with_the_host():
+    from .test_balancer import _NoHostSync
+    bal = quantile_balancer()
+    logits = torch.randn(64, E)
+    probs = logits.softmax(-1)
+    with _NoHostSync():
+        bal.observe(0, logits, probs.topk(K).indices, torch.ones(64, dtype=torch.bool), selection_scores=probs)
+    assert bal.quantile_hist_LEB.sum() == 64 * E
