@@ -233,6 +233,11 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         if engine is not None:  # built by train() just before: sum over its data-parallel group, not WORLD
             from .deepspeed import data_parallel_group
             self.balancer.reducer.group = data_parallel_group(engine)
+        elif trainer is not None:  # FSDP2, TP, CP through a parallelism config: the mesh's data x context group
+            from .accelerate import data_parallel_group as mesh_data_parallel_group
+            group = mesh_data_parallel_group(trainer.accelerator)
+            if group is not None:
+                self.balancer.reducer.group = group
         if self.write_stats and state.is_world_process_zero:
             self._stats = StatsWriter(Path(args.output_dir) / STATS_FILE)
         if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json is loaded by now

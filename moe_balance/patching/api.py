@@ -16,7 +16,7 @@ from ..config import BalanceConfig, resolve_config
 from . import registry
 from ..balancer import load_state_file
 from .strategies import (STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias,
-                         gathered)
+                         gathered, read_native, write_native)
 
 _ATTR = "_moe_balance"
 _CLASS_CACHE: dict[tuple[str, type], type] = {}
@@ -85,6 +85,11 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         selftest: check, on the model's first forward, that every patched router really ran through
             the patch (a hub kernel or custom block may bypass it); a bypass raises there and unpatches.
             No extra forward is run: sharded or partitioned weights (ZeRO-3, FSDP2) are not touched.
+        process_group: the ranks whose router counts are summed at each step: those that route different
+            tokens (data parallel, and context parallel), not tensor-parallel ranks, which see the same ones.
+            Default WORLD. With your own FSDP2 mesh pass its data-parallel group, e.g.
+            ``mesh.get_group("dp")``, or ``mesh["dp", "cp"]._flatten("dp_cp").get_group()`` over several
+            dimensions. The DeepSpeed, Accelerate and Trainer integrations set it from their engine.
 
     Example:
         >>> import torch, moe_balance as mb
@@ -144,9 +149,10 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
             # after every step, so save_pretrained ships the trained bias to stock transformers.
             site.native_owner, site.native_attr = native
             with gathered([site.native_bias]):  # a ZeRO-3 partitioned parameter (AFMoE) is read whole
-                site.native_original = site.native_bias.detach().clone()
-                if site.native_bias.device.type != "meta":  # offloaded: nothing to read; the master starts at 0
-                    balancer.bias_LE[layer].copy_(site.native_bias.detach().float().reshape(-1))
+                native_now = read_native(site.native_bias).detach()  # an FSDP2 shard too
+                site.native_original = native_now.clone()
+                if native_now.device.type != "meta":  # offloaded: nothing to read; the master starts at 0
+                    balancer.bias_LE[layer].copy_(native_now.float().reshape(-1))
         patch_state.sites.append(site)
     native_sites = [s for s in patch_state.sites if s.native_owner is not None]
     if native_sites:
@@ -273,8 +279,7 @@ def unpatch(model: nn.Module, *, keep_native_bias: bool = False) -> None:
             site.module.__dict__["_old_forward"] = site.module.__dict__.pop("_mb_saved_old_forward")
         if site.native_original is not None and not keep_native_bias:
             with torch.no_grad(), gathered([site.native_bias], modify=True):
-                buf = site.native_bias
-                buf.copy_(site.native_original.to(buf.device))
+                write_native(site.native_bias, site.native_original)  # also into shards made after patching
     config = getattr(model, "config", None)
     saved = patch_state.saved_output_router_logits
     if config is not None and saved is not None:

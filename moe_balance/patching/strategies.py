@@ -337,8 +337,32 @@ class NativeBiasSync:
             return
         with gathered([site.native_bias for site in self.sites], modify=True):
             for site in self.sites:
-                buf = site.native_bias
-                buf.copy_(balancer.bias_LE[site.layer].reshape(buf.shape).to(device=buf.device, dtype=buf.dtype))
+                write_native(site.native_bias, balancer.bias_LE[site.layer])
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no public DTensor, no FSDP2 to shard a bias either
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def read_native(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole native bias as a plain tensor. FSDP2 shards a bias that is an ``nn.Parameter`` (Ernie 4.5,
+    AFMoE, Laguna) into a DTensor: it is all-gathered, a collective (every rank patches in the same order)."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+@torch.no_grad()
+def write_native(buf: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the full ``value`` into the native bias ``buf``, in its dtype. An FSDP2 shard (DTensor) takes
+    its own slice, without communication: every rank holds the same master bias after the step's all-reduce."""
+    full = value.reshape(buf.shape).to(device=buf.device, dtype=buf.dtype)
+    if _is_dtensor(buf):
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(full, buf.device_mesh, buf.placements, src_data_rank=None)
+    buf.copy_(full)
 
 
 def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
