@@ -14,8 +14,8 @@ Example (the loop stays as it is)::
 What ``attach`` does: unwraps and patches the model's routers; scales the attached balance loss by
 ``1 / gradient_accumulation_steps`` and by the fp16 loss scale, as ``accelerator.backward`` does;
 wraps the prepared optimizer's ``step`` so the balancer steps (one all-reduce, bias update) only
-when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; registers the balancer for
-``save_state``/``load_state``; and sends ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every``
+when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; saves ``moe_balance.pt`` with
+``save_state``/``load_state`` (nothing unpickled); and sends ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every``
 steps when trackers are set up.
 
 The step's all-reduce sums the counts over the ranks that route different tokens: with a
@@ -69,8 +69,38 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
     patching.patch_state_of(unwrapped).backward_scale = BackwardScale(
         lambda: accelerator.gradient_accumulation_steps, lazy_precision_scale(accelerator))
     _wrap_step(accelerator, optimizer, balancer, log_every)
-    accelerator.register_for_checkpointing(balancer)
+    _checkpoint_with(accelerator, balancer)
     return balancer
+
+
+STATE_FILE = "moe_balance.pt"
+
+
+def _checkpoint_with(accelerator: Any, balancer: Balancer) -> None:
+    """``save_state``/``load_state`` carry ``moe_balance.pt`` through accelerate's public state hooks.
+
+    Not ``register_for_checkpointing``: accelerate loads those objects with ``weights_only=False``, and a
+    checkpoint folder is shared and downloaded; ``Balancer.load`` unpickles nothing. The load hook runs on
+    every rank (a ZeRO-3 partitioned native bias is written collectively).
+    """
+    from pathlib import Path
+
+    def save(models: Any, weights: Any, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            balancer.save(Path(output_dir) / STATE_FILE)
+
+    def load(models: Any, input_dir: str) -> None:
+        path = Path(input_dir) / STATE_FILE
+        if path.exists():
+            balancer.load(path)
+        else:
+            import warnings
+            warnings.warn(f"moe_balance: {input_dir} holds no {STATE_FILE}; the balancer continues as it is",
+                          RuntimeWarning, stacklevel=2)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 def data_parallel_group(accelerator: Any) -> Any:

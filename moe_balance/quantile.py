@@ -37,10 +37,10 @@ def margin_histogram(scores_TE: torch.Tensor, bias_E: torch.Tensor, weight_T: to
     num_experts = scores_TE.shape[-1]
     margins_TE = relative_margins(scores_TE, bias_E, top_k)
     position_TE = (margins_TE + range_) * (bins / (2 * range_))
-    bin_TE = position_TE.floor().clamp(-1, bins).long() + 1  # 0 = underflow, bins + 1 = overflow
-    bin_TE = torch.where(torch.isfinite(margins_TE), bin_TE, torch.zeros_like(bin_TE))
+    finite_TE = torch.isfinite(margins_TE)  # -inf: an expert this token cannot take (an excluded group)
+    bin_TE = position_TE.nan_to_num(0.0, 0.0, 0.0).floor().clamp(-1, bins).long() + 1  # 0 under, bins + 1 over
     flat_TE = bin_TE + torch.arange(num_experts, device=bin_TE.device) * (bins + 2)
-    weight_TE = weight_T.to(torch.float64)[:, None].expand_as(margins_TE)
+    weight_TE = weight_T.to(torch.float64)[:, None] * finite_TE.to(torch.float64)
     hist = torch.zeros(num_experts * (bins + 2), dtype=torch.float64, device=scores_TE.device)
     return hist.scatter_add_(0, flat_TE.reshape(-1), weight_TE.reshape(-1)).reshape(num_experts, bins + 2)
 
@@ -73,7 +73,11 @@ def prices_from_histogram(hist_LEB: torch.Tensor, capacity_L: torch.Tensor,
     q_LE = torch.where(over_LE, range_L[:, None].expand_as(q_LE), q_LE)
     q_LE = torch.where(~any_LE & ~over_LE, -range_L[:, None].expand_as(q_LE), q_LE)  # in the underflow
     clamped_LE = over_LE | ~any_LE
-    return q_LE, clamped_LE
+    # Fewer candidates than the capacity (group-limited routing excluded the expert for most tokens): no
+    # price can fill it, so it is left where it is rather than pushed without bound.
+    undefined_LE = hist_LEB.sum(-1) < capacity_LE1.squeeze(-1)
+    q_LE = torch.where(undefined_LE, torch.zeros_like(q_LE), q_LE)
+    return q_LE, clamped_LE & ~undefined_LE
 
 
 def next_range(range_L: torch.Tensor, q_LE: torch.Tensor, clamped_LE: torch.Tensor) -> torch.Tensor:

@@ -324,3 +324,11 @@ def test_every_installed_moe_architecture_is_classified():
     assert len(discovered) > 40
     unclassified = [t for t in discovered if t not in MODEL_TYPES and t not in UNSUPPORTED and t not in UNVERIFIED]
     assert not unclassified, f"classify these model types in moe_balance/patching/registry.py: {unclassified}"
+
+
+def test_explicit_selftest_on_a_healthy_model_passes_and_keeps_the_patch():
+    model = tiny_model("mixtral")
+    mb.patch(model)
+    mb.patching.run_selftest(model)  # it used to starve the first-forward check and unpatch
+    model(**lm_batch())
+    assert mb.patching.patch_state_of(model) is not None

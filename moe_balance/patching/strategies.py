@@ -162,11 +162,11 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
            ranked_TE: torch.Tensor | None = None) -> Any:
     """Hand one router call to the balancer; attach the loss to the router output if asked."""
     state = site.state
+    if state.forward_hits is not None:
+        state.forward_hits.add(site.layer)
     if state.selftest_hits is not None:
         state.selftest_hits.add(site.layer)
         return output
-    if state.forward_hits is not None:
-        state.forward_hits.add(site.layer)
     recompute = in_backward_recompute()
     record = should_record(site, recompute)
     if record is None:
