@@ -14,9 +14,9 @@ Example (the loop stays as it is)::
 What ``attach`` does: unwraps and patches the model's routers; scales the attached balance loss by
 ``1 / gradient_accumulation_steps`` and by the fp16 loss scale, as ``accelerator.backward`` does;
 wraps the prepared optimizer's ``step`` so the balancer steps (one all-reduce, bias update) only
-when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; saves ``moe_balance.pt`` with
-``save_state``/``load_state`` (nothing unpickled); and sends ``moe_balance/*`` metrics to ``accelerator.log`` every ``log_every``
-steps when trackers are set up.
+when ``accelerator.sync_gradients`` and not ``optimizer.step_was_skipped``; saves ``moe_balance.pt``
+with ``save_state``/``load_state`` (nothing unpickled); and sends ``moe_balance/*`` metrics to
+``accelerator.log`` every ``log_every`` steps when trackers are set up.
 
 The step's all-reduce sums the counts over the ranks that route different tokens: with a
 ``ParallelismConfig`` (FSDP2, HSDP, context parallel) that is the accelerator's ``dp_cp`` mesh group
