@@ -4,12 +4,15 @@
 * :func:`plot_load_heatmap` - layer x expert load share, before and after balancing;
 * :func:`plot_bias` - bias trajectories of one layer's experts;
 * :func:`plot_run` - all three from a run's ``moe_balance_stats.jsonl``
-  (``python -m moe_balance plot RUN_DIR -o balance.png``).
+  (``python -m moe_balance plot RUN_DIR -o balance.png``);
+* :func:`balance_images` / :class:`BalanceImages` - the load heatmap and MaxVio curve as image arrays,
+  sent to TensorBoard / W&B while training by the HF, Lightning and Accelerate integrations.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from collections.abc import Mapping, Sequence
 
 from ._optional import require
@@ -132,3 +135,119 @@ def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- images while training
+HEATMAP_TAG = "moe_balance/load_heatmap"
+MAXVIO_TAG = "moe_balance/maxvio_curve"
+
+
+def _figure_to_array(fig) -> Any:
+    """RGB ``uint8`` array ``[H, W, 3]`` of an off-screen figure (Agg canvas, no display, no pyplot state)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def balance_images(loads_LE: Sequence[Sequence[float]] | Any, steps: Sequence[float] = (),
+                   maxvio: Sequence[float] = (), step: int | None = None, dpi: int = 80) -> dict[str, Any]:
+    """Render the ``[layers, experts]`` load heatmap and the MaxVio curve as RGB arrays ``[H, W, 3]``.
+
+    The one place the integrations' training-time pictures come from (HF callback, Lightning callback,
+    Accelerate ``attach``); see :class:`BalanceImages` for when they are sent and where.
+
+    Example:
+        >>> images = balance_images([[30, 10, 0, 0], [10, 10, 10, 10]], steps=[1, 2], maxvio=[2.0, 1.0])
+        >>> sorted(images), images[HEATMAP_TAG].shape[-1], str(images[HEATMAP_TAG].dtype)
+        (['moe_balance/load_heatmap', 'moe_balance/maxvio_curve'], 3, 'uint8')
+    """
+    require("matplotlib")
+    from matplotlib.figure import Figure
+    loads = loads_LE.tolist() if hasattr(loads_LE, "tolist") else [list(row) for row in loads_LE]
+    out: dict[str, Any] = {}
+    fig = Figure(figsize=(6, 1.2 + 0.35 * len(loads)), dpi=dpi)
+    ax = fig.add_subplot()
+    vmax = max(2.0, max((max(row) for row in _shares(loads)), default=2.0))
+    draw_heatmap(fig, ax, loads, "expert load" + (f" at step {step}" if step is not None else ""), vmax)
+    fig.tight_layout()
+    out[HEATMAP_TAG] = _figure_to_array(fig)
+    fig = Figure(figsize=(6, 3.5), dpi=dpi)
+    ax = fig.add_subplot()
+    if len(steps):
+        draw_maxvio(ax, {"MaxVio (step window)": (list(steps), list(maxvio))})
+    ax.set_title("MaxVio, mean over layers", fontsize=10)
+    fig.tight_layout()
+    out[MAXVIO_TAG] = _figure_to_array(fig)
+    return out
+
+
+def accepts_images(target: Any) -> bool:
+    """A TensorBoard ``SummaryWriter``-like object or a W&B run."""
+    return hasattr(target, "add_image") or (type(target).__module__.split(".")[0] == "wandb"
+                                             and hasattr(target, "log"))
+
+
+def send_images(target: Any, images: Mapping[str, Any], step: int) -> bool:
+    """Write ``images`` to one reporter: a TensorBoard ``SummaryWriter`` (torch's or tensorboardX's, also
+    what Lightning's ``TensorBoardLogger.experiment`` and Accelerate's tensorboard tracker hold) or a W&B
+    run (``wandb.Image``, committed with the reporter's next log). Returns False for anything else."""
+    if hasattr(target, "add_image"):
+        for tag, image in images.items():
+            target.add_image(tag, image, global_step=step, dataformats="HWC")
+        return True
+    if type(target).__module__.split(".")[0] == "wandb" and hasattr(target, "log"):
+        import wandb
+        target.log({tag: wandb.Image(image) for tag, image in images.items()}, commit=False)
+        return True
+    return False
+
+
+class BalanceImages:
+    """Every ``every``-th logging event (the first included), render :func:`balance_images` and send it.
+
+    Keeps the MaxVio history of the logging events it saw (the curve). ``every=0`` turns it off. Nothing is
+    rendered when no target can take an image; without matplotlib it warns once and stays off.
+
+    Example:
+        >>> import torch, moe_balance as mb
+        >>> bal = mb.Balancer(num_layers=2, num_experts=4, top_k=1)
+        >>> images = BalanceImages(every=2)
+        >>> [images.log(step, bal, targets=[]) for step in (1, 2, 3)]  # no writer: nothing rendered
+        [False, False, False]
+        >>> images.steps
+        [1, 2, 3]
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        if every < 0:
+            raise ValueError(f"heatmap_every must be >= 0, got {every}")
+        self.every = every
+        self.steps: list[int] = []
+        self.maxvio: list[float] = []
+        self.events = 0
+        self.sent = 0
+
+    def log(self, step: int, balancer: Any, targets: Sequence[Any], maxvio: float | None = None) -> bool:
+        """Record this logging event; on every ``every``-th one send the images to ``targets``."""
+        if not self.every:
+            return False
+        value = balancer.metrics(per_layer=False)["maxvio_global"] if maxvio is None else maxvio
+        self.steps.append(int(step))
+        self.maxvio.append(float(value))
+        self.events += 1
+        targets = [target for target in targets if accepts_images(target)]
+        if (self.events - 1) % self.every or not targets:
+            return False
+        try:
+            images = balance_images(balancer.load_matrix(), self.steps, self.maxvio, step=step)
+        except ImportError as exc:
+            import warnings
+            warnings.warn(f"moe_balance: no balance heatmaps ({exc}); set heatmap_every=0 to silence this",
+                          RuntimeWarning, stacklevel=2)
+            self.every = 0
+            return False
+        sent = [send_images(target, images, int(step)) for target in targets]
+        self.sent += any(sent)
+        return any(sent)
