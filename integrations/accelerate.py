@@ -36,6 +36,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, resolve_config
 from moe_balance.patching import api as patching
+from moe_balance.plot import BalanceImages
 from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import prefixed
 
@@ -43,7 +44,7 @@ require("accelerate")
 
 
 def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig | Mapping[str, Any] | None = None, *,
-           attach_loss: bool = True, log_every: int = 10, **fields: Any) -> Balancer:
+           attach_loss: bool = True, log_every: int = 10, heatmap_every: int = 10, **fields: Any) -> Balancer:
     """Patch ``model``'s routers and drive the balancer from the prepared ``optimizer``.
 
     Args:
@@ -51,6 +52,8 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
         attach_loss: False leaves the balance loss to you: add ``balancer.loss()`` to your loss
             (``accelerator.backward`` then scales it for accumulation like the rest).
         log_every: optimizer steps between ``accelerator.log`` calls (when trackers exist).
+        heatmap_every: every this many ``accelerator.log`` calls, send the load heatmap and MaxVio curve as
+            images to the tensorboard / wandb trackers (main process); 0 turns it off.
         **fields: :class:`~moe_balance.BalanceConfig` fields.
     """
     from accelerate.optimizer import AcceleratedOptimizer
@@ -68,7 +71,7 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
     # DeepSpeed engine's) loss scale; the attached loss gets the same factors.
     patching.patch_state_of(unwrapped).backward_scale = BackwardScale(
         lambda: accelerator.gradient_accumulation_steps, lazy_precision_scale(accelerator))
-    _wrap_step(accelerator, optimizer, balancer, log_every)
+    _wrap_step(accelerator, optimizer, balancer, log_every, BalanceImages(heatmap_every))
     _checkpoint_with(accelerator, balancer)
     return balancer
 
@@ -131,7 +134,7 @@ def _called_by_checkpoint_init(depth: int = 6) -> bool:
     return False
 
 
-def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: int) -> None:
+def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: int, images: BalanceImages) -> None:
     if getattr(optimizer, "_moe_balance_wrapped", False):
         raise ValueError("this optimizer already drives a moe_balance Balancer")
     original_step = optimizer.step
@@ -147,7 +150,11 @@ def _wrap_step(accelerator: Any, optimizer: Any, balancer: Balancer, log_every: 
             return result
         balancer.step()
         if accelerator.trackers and log_every and balancer.num_steps % log_every == 0:
-            accelerator.log(prefixed(balancer.metrics()), step=balancer.num_steps)
+            metrics = balancer.metrics()
+            accelerator.log(prefixed(metrics), step=balancer.num_steps)
+            if images.every and accelerator.is_main_process:
+                images.log(balancer.num_steps, balancer, [getattr(t, "tracker", None) for t in accelerator.trackers],
+                           maxvio=metrics["maxvio_global"])
         return result
 
     optimizer.step = step

@@ -40,6 +40,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, read_deepspeed_entry, resolve_config
 from moe_balance.patching import api as patching
+from moe_balance.plot import BalanceImages
 from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import StatsWriter, prefixed
 
@@ -140,6 +141,8 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             could not map back (fused MoE experts saved per expert; transformers issue #48805).
         write_stats: append metrics (and the load matrix) to ``output_dir/moe_balance_stats.jsonl``
             on the main process at every log, for ``python -m moe_balance plot``.
+        heatmap_every: every this many logging steps, send the ``[layers, experts]`` load heatmap and the
+            MaxVio curve as images to the TensorBoard / W&B reporters (``report_to``); 0 turns it off.
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
 
     Resume works on every path the Trainer takes (plain, DeepSpeed, FSDP): the balancer state travels
@@ -148,13 +151,15 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
-                 repair_resume: bool = True, **fields: Any) -> None:
+                 repair_resume: bool = True, heatmap_every: int = 10, **fields: Any) -> None:
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
         explicit.update(fields)
         self._explicit = explicit
         self.config = resolve_config(None, **explicit)  # validate now: errors at construction
         self.write_stats = write_stats
         self.repair_resume = repair_resume
+        self.heatmap_every = heatmap_every
+        self._images = BalanceImages(heatmap_every)
         self.balancer: Balancer | None = None
         self.restored_state: Mapping[str, Any] | None = None  # set by the Trainer's callback-state restore
         self._trainer_ref: Any = None
@@ -287,6 +292,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             trainer = self._trainer_ref() if self._trainer_ref else None
             step = trainer.state.global_step if trainer is not None else self.balancer.num_steps
             self._stats.write(step, metrics, self.balancer)
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        if trainer is not None and self._images.every:  # called on the main process, before the reporters log
+            self._images.log(trainer.state.global_step, self.balancer, _image_targets(trainer),
+                             maxvio=metrics["maxvio_global"])
         keep = metrics if self.config.log_per_layer else {k: v for k, v in metrics.items() if "/" not in k}
         return prefixed(keep)
 
@@ -319,13 +328,23 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """ExportableState: the balancer travels in ``trainer_state.json``; ``args`` rebuild this callback."""
         return {"args": {"config": self.config.to_dict(), "write_stats": self.write_stats,
-                         "repair_resume": self.repair_resume},
+                         "repair_resume": self.repair_resume, "heatmap_every": self.heatmap_every},
                 "attributes": {"restored_state": _to_json(self.balancer.state_dict())
                                if self.balancer is not None else None}}
 
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
         patching.unpatch(model, **kwargs)
+
+
+def _image_targets(trainer: Any) -> list[Any]:
+    """The reporters' writers that take images: TensorBoardCallback's SummaryWriter, WandbCallback's run."""
+    targets = []
+    for callback in trainer.callback_handler.callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        run = getattr(getattr(callback, "_wandb", None), "run", None)
+        targets += [t for t in (writer, run) if t is not None]
+    return targets
 
 
 def _to_json(state_dict: Mapping[str, Any]) -> dict[str, Any]:
