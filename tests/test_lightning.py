@@ -210,3 +210,18 @@ def test_two_ddp_ranks_keep_identical_biases_equal_to_one_process(tmp_path):
     differ = (one["bias"] - ranks[0]["bias"]).abs()
     assert differ.max() <= 2 * 1e-2 + 1e-6 and int((differ > 0).sum()) <= 2, differ
     assert one["bias"].abs().max() > 0
+
+
+@pytest.mark.slow
+def test_example_runs_and_writes_heatmaps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_train.py"), "--steps", "20",
+                           "--logdir", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "steps 20  processes 1" in proc.stdout and "val MaxVio" in proc.stdout
+    (log_dir,) = {p.parent for p in (tmp_path / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload()
+    assert {"moe_balance/load_heatmap", "moe_balance/maxvio_curve"} <= set(events.Tags()["images"])
