@@ -35,7 +35,7 @@ def _fit(root, cb, steps, bs=8, n=None, lr=1e-3, model=None, **overrides):
 
 @pytest.mark.slow
 def test_balances_a_skewed_model_against_a_control(tmp_path):
-    """Same seed, data and steps; only the bias rule differs. Measured here: 2.7 -> 0.23 vs control 2.7."""
+    """Same seed, data and steps; only the bias rule differs. Measured here: held-out MaxVio 0.38 vs control 2.78."""
     val, _ = stdlib_corpus(max_bytes=300_000, split="val")
     ends = {}
     for rule in ("sign", "none"):
@@ -94,10 +94,10 @@ def test_bias_steps_only_after_real_optimizer_steps(tmp_path):
 
 
 def test_skipped_16_mixed_steps_leave_the_bias_alone(tmp_path):
-    """16-mixed with a GradScaler on CPU; a huge initial scale overflows the first steps, which the scaler
-    skips (Lightning still counts them in global_step): the bias must not move on them."""
+    """16-mixed with a GradScaler on CPU; an initial scale of 2**20 overflows the first steps (4 of 12 here),
+    which the scaler skips while Lightning still counts them in global_step: the bias moves only on the others."""
     from lightning.pytorch.plugins.precision import MixedPrecision
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     scales = []
 
@@ -107,10 +107,11 @@ def test_skipped_16_mixed_steps_leave_the_bias_alone(tmp_path):
 
     cb = MoEBalanceCallback(bias_update="sign", bias_update_rate=1e-2, aux_loss="global_batch", aux_loss_coef=1e-3)
     tr, _ = _fit(tmp_path, cb, steps=12, bs=2, plugins=[plugin], extra_callbacks=[Watch()])
-    skipped = sum(1 for (before, _, _), (after, _, _) in zip([(2.0 ** 100, 0, 0)] + scales, scales) if after < before)
-    assert skipped >= 1, scales
+    skipped = sum(1 for (before, _, _), (after, _, _) in zip([(2.0 ** 20, 0, 0)] + scales, scales) if after < before)
+    assert 1 <= skipped < 12, scales
     assert tr.global_step == 12
     assert cb.balancer.num_steps == 12 - skipped, (skipped, scales)
+    assert cb.balancer.bias_LE.abs().max() > 0
     # the attached loss follows the scaler's current scale (accumulation 1)
     assert float(scales[-1][2]) == scales[-1][0]
 
