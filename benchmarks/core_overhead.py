@@ -45,8 +45,11 @@ def main() -> None:
     logits = torch.randn(T, E, requires_grad=True)
     idx = logits.detach().topk(K).indices
     mask = torch.ones(T, dtype=torch.bool)
-    counting = mb.Balancer(num_layers=L, num_experts=E, top_k=K)
-    lossy = mb.Balancer(num_layers=L, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3)
+    probs = torch.softmax(logits.detach(), -1)
+    counting = mb.Balancer(num_layers=L, num_experts=E, top_k=K, bias_update="sign")
+    quantile = mb.Balancer(num_layers=L, num_experts=E, top_k=K, bias_update="quantile")
+    lossy = mb.Balancer(num_layers=L, num_experts=E, top_k=K, aux_loss="global_batch", z_loss_coef=1e-3,
+                        bias_update="sign")
 
     def topk():
         torch.topk(logits.detach(), K, dim=-1)
@@ -60,11 +63,15 @@ def main() -> None:
     def observe():
         counting.observe(0, logits.detach(), idx, mask)
 
+    def observe_quantile():
+        quantile.observe(0, logits.detach(), idx, mask, selection_scores=probs)
+
     def observe_loss():
         lossy.observe(0, logits, idx, mask)
         lossy.loss().backward()
 
-    names = {"topk": topk, "router": router, "observe": observe, "observe+loss": observe_loss}
+    names = {"topk": topk, "router": router, "observe": observe, "observe quantile": observe_quantile,
+             "observe+loss": observe_loss}
     for fn in names.values():  # warm-up
         fn()
     samples = {n: [] for n in names}
@@ -75,13 +82,19 @@ def main() -> None:
     for _ in range(L - 1):
         counting.observe(0, logits.detach(), idx, mask)
     step_ms = statistics.median(timed(counting.step, 5)) * 1e3
+    for layer in range(L):
+        quantile.observe(layer, logits.detach(), idx, mask, selection_scores=probs)
+    quantile_step_ms = statistics.median(timed(quantile.step, 5)) * 1e3
     print(f"T={T} E={E} K={K} L={L}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     for n, v in med.items():
-        print(f"  {n:<14} {v:8.2f} ms/layer   x{v / med['topk']:.2f} of topk   x{v / med['router']:.2f} of router")
+        print(f"  {n:<17} {v:8.2f} ms/layer   x{v / med['topk']:.2f} of topk   "
+              f"x{v / med['router']:.2f} of router")
     print(f"  overhead observe      = {100 * med['observe'] / med['router']:.0f}% of a router forward (no matmul)")
+    print(f"  overhead observe quantile = {100 * med['observe quantile'] / med['router']:.0f}% (counts + margin histogram)")
     share = 100 * med["observe+loss"] / med["router"]
     print(f"  overhead observe+loss = {share:.0f}% (forward + backward of the loss)")
-    print(f"  step() for {L} layers: {step_ms:.2f} ms, all-reduce calls per step: 1 when distributed (0 here)")
+    print(f"  step() for {L} layers: {step_ms:.2f} ms (sign), {quantile_step_ms:.2f} ms (quantile); "
+          "all-reduce calls per step: 1 when distributed (0 here)")
 
 
 if __name__ == "__main__":

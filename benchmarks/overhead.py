@@ -109,13 +109,14 @@ def _count_allreduce(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     L, E, K, T = 60, 256, 8, 512
-    bal = mb.Balancer(num_layers=L, num_experts=E, top_k=K)
+    bal = mb.Balancer(num_layers=L, num_experts=E, top_k=K)  # the default: quantile, histograms all-reduced too
     logits = torch.randn(T, E)
-    idx = logits.topk(K).indices
+    probs = torch.softmax(logits, -1)
+    idx = probs.topk(K).indices
     times = []
     for _ in range(5):
         for layer in range(L):
-            bal.observe(layer, logits, idx)
+            bal.observe(layer, logits, idx, selection_scores=probs)
         start = time.perf_counter()
         bal.step()
         times.append(time.perf_counter() - start)
