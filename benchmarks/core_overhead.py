@@ -90,7 +90,8 @@ def main() -> None:
         print(f"  {n:<17} {v:8.2f} ms/layer   x{v / med['topk']:.2f} of topk   "
               f"x{v / med['router']:.2f} of router")
     print(f"  overhead observe      = {100 * med['observe'] / med['router']:.0f}% of a router forward (no matmul)")
-    print(f"  overhead observe quantile = {100 * med['observe quantile'] / med['router']:.0f}% (counts + margin histogram)")
+    quantile_share = 100 * med["observe quantile"] / med["router"]
+    print(f"  overhead observe quantile = {quantile_share:.0f}% (counts + margin histogram)")
     share = 100 * med["observe+loss"] / med["router"]
     print(f"  overhead observe+loss = {share:.0f}% (forward + backward of the loss)")
     print(f"  step() for {L} layers: {step_ms:.2f} ms (sign), {quantile_step_ms:.2f} ms (quantile); "
