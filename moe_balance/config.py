@@ -101,7 +101,7 @@ class BalanceConfig:
     bias_clamp: float | None = None
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
-    quantile_bins: int = 64
+    quantile_bins: int = 128
     """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
     expert_parallel_size: int = 1
     """Experts split in contiguous blocks over this many ranks; reports the busiest rank's excess load."""

@@ -74,7 +74,7 @@ def test_json_round_trip():
 def test_defaults_are_the_documented_ones():
     cfg = mb.BalanceConfig()
     assert (cfg.bias_update, cfg.bias_update_rate, cfg.aux_loss, cfg.z_loss_coef) == ("quantile", 1e-3, "none", 0.0)
-    assert cfg.quantile_bins == 64 and cfg.expert_parallel_size == 1
+    assert cfg.quantile_bins == 128 and cfg.expert_parallel_size == 1
 
 
 def test_resolve_config_merges_keywords_and_checks_keys():
