@@ -177,8 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--methods", help="learning-router rows (default: a set per mode)")
     p.add_argument("--frozen-methods", help="frozen-router rows ('' to skip)")
     p.add_argument("--frozen-steps", type=int, default=30)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--tag", help="output name (default quick/full); use one per process when splitting a run")
+    p.add_argument("--merge", nargs="+", metavar="CSV",
+                   help="only rebuild the tables from these CSVs (later files replace rows of the same method, "
+                        "seed and phase) and write them under --out with --tag")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_tables(args)
     args.steps = args.steps or (300 if args.quick else 1500)
     args.seeds = args.seeds or (4 if args.quick else 2)
     args.hidden = args.hidden or (64 if args.quick else 128)
@@ -198,7 +205,7 @@ def main(argv=None) -> int:
           f"(steps to balance: below {2 * args.floor:.3f})", flush=True)
     wall = time.time()
     rows, frozen_rows, curves = [], [], {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in methods:
             result = run_one(name, seed, args, train, val, sample, args.steps, frozen=False)
             rows.append(result["row"])
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
             print(f"  seed {seed} frozen {name:<11} balanced at {r['steps_to_balance']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if args.quick else "full"
+    tag = args.tag or ("quick" if args.quick else "full")
     header = (f"Quality ({tag}): Qwen3-MoE 4 layers, hidden {args.hidden}, {EXPERTS} experts top-{TOP_K}, routers "
               f"skewed at the start; {args.steps} steps of {args.batch}x{args.seq} stdlib bytes, AdamW {args.lr}; "
               f"held-out {args.eval_batches}x16x128 bytes; mean ± std [min-max] over {args.seeds} seeds; "
@@ -241,6 +248,36 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print()
+    print(table)
+    return 0
+
+
+def merge_tables(args) -> int:
+    """Rebuild the Markdown tables from CSVs of split runs (e.g. one process per seed)."""
+    rows: dict[tuple, dict] = {}
+    for path in args.merge:
+        for raw in csv.DictReader(open(path, newline="")):
+            row = {k: (raw[k] if k in ("method", "frozen") else float(raw[k]) if raw[k] not in ("", None) else math.nan)
+                   for k in raw}
+            rows[(row["method"], row["seed"], row["frozen"])] = row
+    learning = [r for r in rows.values() if r["frozen"] == "False"]
+    frozen = [r for r in rows.values() if r["frozen"] == "True"]
+    seeds = sorted({int(r["seed"]) for r in rows.values()})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or "merged"
+    header = f"Quality ({tag}, merged from {len(args.merge)} runs; seeds {seeds}): mean ± std [min-max]"
+    table = ""
+    if learning:
+        table += markdown(summarize(learning, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
+    if frozen:
+        table += "\n" + markdown(summarize(frozen, ("steps_to_balance", "step_ms")), FROZEN_COLS, "Frozen router")
+    (out / f"quality_{tag}.md").write_text(table)
+    fields = list(dict.fromkeys(k for r in rows.values() for k in r))
+    with (out / f"quality_{tag}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows.values())
     print(table)
     return 0
 
