@@ -78,3 +78,62 @@ def test_plugin_callback_patches_and_balances_through_the_trainer(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("moe_balance/maxvio_global" in h for h in logs)
     assert torch.isfinite(cb.balancer.bias_LE).all()
+
+
+def _tiny_model_tokenizer_and_data(folder):
+    """A tiny Qwen3-MoE with a byte-level BPE tokenizer trained here, and a JSONL of stdlib text (no downloads)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_balance.testing import stdlib_files, tiny_model
+    texts = [p.read_text(errors="ignore") for p in stdlib_files()[:40]]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    model = tiny_model("qwen3_moe", vocab_size=len(fast), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(folder / "tiny")
+    fast.save_pretrained(folder / "tiny")
+    with open(folder / "data.jsonl", "w") as f:
+        for text in texts:
+            for i in range(0, min(len(text), 20000), 400):
+                f.write(json.dumps({"text": text[i:i + 400]}) + "\n")
+
+
+@pytest.mark.slow
+def test_axolotl_train_runs_the_plugin_end_to_end(tmp_path):
+    """``axolotl train`` (its CLI module, as the ``axolotl`` command runs it) on CPU: the YAML's moe_balance
+    section reaches the Trainer, metrics are logged, heatmaps land in TensorBoard."""
+    import os
+    import subprocess
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _tiny_model_tokenizer_and_data(tmp_path)
+    raw = _raw()
+    for key in ("datasets", "val_set_size", "sample_packing", "optimizer", "bf16", "saves_per_epoch", "num_epochs"):
+        raw.pop(key, None)
+    raw.update(base_model=str(tmp_path / "tiny"), output_dir=str(tmp_path / "out"),
+               dataset_prepared_path=str(tmp_path / "prepared"),
+               datasets=[{"path": str(tmp_path / "data.jsonl"), "ds_type": "json", "type": "completion"}],
+               sequence_len=64, micro_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
+               optimizer="adamw_torch", learning_rate=1e-3, lr_scheduler="constant", logging_steps=1,
+               save_strategy="no", bf16=False, fp16=False, tf32=False)
+    raw["moe_balance"].update(bias_update_rate=1e-2, heatmap_every=2)
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(tmp_path / "cfg.yml")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (log_dir,) = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Images("moe_balance/load_heatmap")] == [1, 3, 5, 7]
+    maxvio = events.Scalars("train/moe_balance/maxvio_global")
+    bias = events.Scalars("train/moe_balance/bias_abs_max")
+    assert len(maxvio) == 8 and bias[-1].value > 0
