@@ -217,7 +217,7 @@ def test_two_ddp_ranks_keep_identical_biases_equal_to_one_process(tmp_path):
 def test_example_runs_and_writes_heatmaps(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 threads: 5x slower on a busy machine
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_train.py"), "--steps", "20",
                            "--logdir", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
