@@ -50,17 +50,20 @@ def bin_edges(range_L: torch.Tensor, bins: int) -> torch.Tensor:
 def margin_histogram(scores_TE: torch.Tensor, bias_E: torch.Tensor, weight_T: torch.Tensor, top_k: int,
                      range_: torch.Tensor, bins: int) -> torch.Tensor:
     """``[E, bins + 2]`` counts of the valid tokens' margins: underflow, ``bins`` between the edges of
-    :func:`bin_edges`, overflow. One bucketize and one scatter_add, no host sync (``range_`` is 0-d).
+    :func:`bin_edges`, overflow. The bin comes from ``log2 |m|`` (the edges are geometric), then one
+    scatter_add; no host sync (``range_`` is a 0-d tensor).
     """
-    num_experts = scores_TE.shape[-1]
-    margins_TE = relative_margins(scores_TE, bias_E, top_k)
-    finite_TE = torch.isfinite(margins_TE)  # -inf: an expert this token cannot take (an excluded group)
-    edges = bin_edges(range_.reshape(1), bins)[0].to(margins_TE.dtype)
-    bin_TE = torch.bucketize(margins_TE.nan_to_num(0.0, 0.0, 0.0).contiguous(), edges, right=True)
+    num_experts, half = scores_TE.shape[-1], bins // 2
+    margins_TE = relative_margins(scores_TE, bias_E, top_k).nan_to_num(nan=0.0, posinf=3e38)
+    # -inf: an expert this token cannot take (an excluded group); it is not counted at all
+    weight_TE = weight_T.to(torch.float32)[:, None] * (margins_TE > float("-inf")).to(torch.float32)
+    ratio_TE = margins_TE.abs() / range_.to(margins_TE.dtype)
+    steps_TE = (half + torch.log2(ratio_TE) / BIN_STEP).floor().clamp(0, half).long()
+    bin_TE = torch.where(margins_TE >= 0, half + 1 + steps_TE, half - steps_TE)  # 0 under .. bins + 1 over
     flat_TE = bin_TE + torch.arange(num_experts, device=bin_TE.device) * (bins + 2)
-    weight_TE = weight_T.to(torch.float64)[:, None] * finite_TE.to(torch.float64)
-    hist = torch.zeros(num_experts * (bins + 2), dtype=torch.float64, device=scores_TE.device)
-    return hist.scatter_add_(0, flat_TE.reshape(-1), weight_TE.reshape(-1)).reshape(num_experts, bins + 2)
+    hist = torch.zeros(num_experts * (bins + 2), dtype=torch.float32, device=scores_TE.device)
+    hist.scatter_add_(0, flat_TE.reshape(-1), weight_TE.reshape(-1))
+    return hist.reshape(num_experts, bins + 2).double()  # per micro-batch counts are exact in fp32
 
 
 def prices_from_histogram(hist_LEB: torch.Tensor, capacity_L: torch.Tensor,
