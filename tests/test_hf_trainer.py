@@ -163,7 +163,8 @@ def test_skipped_optimizer_step_does_not_move_the_bias(tmp_path):
 
     class Skipped:
         step_was_skipped = True
-    cb.balancer.observe(0, torch.randn(8, 8), torch.zeros(8, 2, dtype=torch.long))
+    logits = torch.randn(8, 8)
+    cb.balancer.observe(0, logits, torch.zeros(8, 2, dtype=torch.long), selection_scores=logits.softmax(-1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cb.on_step_end(trainer.args, trainer.state, trainer.control, optimizer=Skipped())
