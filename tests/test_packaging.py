@@ -24,7 +24,8 @@ def test_core_imports_and_runs_with_torch_only():
 import torch, moe_balance as mb
 bal = mb.Balancer(num_layers=1, num_experts=4, top_k=1, aux_loss='switch')
 x = torch.randn(8, 4, requires_grad=True)
-bal.observe(0, x, x.topk(1).indices); bal.loss().backward(); bal.step()
+p = x.detach().softmax(-1)
+bal.observe(0, x, p.topk(1).indices, selection_scores=p); bal.loss().backward(); bal.step()
 print('ok', bal.metrics()['tokens'])
 """)
     assert proc.returncode == 0, proc.stderr
