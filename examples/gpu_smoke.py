@@ -77,7 +77,7 @@ import torch
 
 import moe_balance as mb
 from moe_balance.integrations.hf import MoEBalanceCallback
-from moe_balance.testing import skew_routers, tiny_model
+from moe_balance.testing import ByteWindows, skew_routers, tiny_model
 
 MODELS = ("mixtral", "deepseek_v3")
 RATE = 1e-2  # bias update rate: large, so that a few dozen steps move the balance visibly
@@ -163,21 +163,6 @@ def stdlib_bytes(limit: int, every: int, offset: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(blob[:limit]), dtype=torch.uint8).long()
 
 
-class Windows(torch.utils.data.Dataset):
-    """Evenly spaced causal-LM windows of a byte tensor."""
-
-    def __init__(self, data: torch.Tensor, count: int) -> None:
-        stride = max(1, (data.numel() - SEQ - 1) // count)
-        self.windows = [data[i * stride:i * stride + SEQ] for i in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.windows[i]
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-
 def make_checkpoint(model_type: str, folder: Path, train: torch.Tensor) -> Path:
     """A tiny MoE with skewed routers, saved like a downloaded checkpoint."""
     model = tiny_model(model_type, seed=0, vocab_size=256)
@@ -201,7 +186,7 @@ class Smoke:
         self.cpu, self.steps, self.out, self.verbose = args.cpu, args.steps, out, args.verbose
         train = stdlib_bytes(1_000_000, 2, 0)
         val = stdlib_bytes(200_000, 10, 1)
-        self.train_ds, self.val_ds = Windows(train, 4096), Windows(val, 64)
+        self.train_ds, self.val_ds = ByteWindows(train, SEQ, 4096), ByteWindows(val, SEQ, 64)
         self.folders = {m: make_checkpoint(m, out / f"ckpt_{m}", train) for m in args.models}
 
     def load(self, model_type: str, **kwargs):
