@@ -40,6 +40,7 @@ from moe_balance._optional import require
 from moe_balance.balancer import Balancer
 from moe_balance.config import BalanceConfig, read_deepspeed_entry, resolve_config
 from moe_balance.patching import api as patching
+from moe_balance.patching.strategies import is_sharded
 from moe_balance.plot import BalanceImages
 from moe_balance.scaling import BackwardScale, lazy_precision_scale
 from moe_balance.stats_log import StatsWriter, prefixed
@@ -82,10 +83,7 @@ def checkpoint_keys(folder: str | os.PathLike) -> set[str] | None:
 
 def _is_sharded(model: torch.nn.Module) -> bool:
     """FSDP2/DTensor or DeepSpeed ZeRO-3 parameters: the engine restored them from its own checkpoint."""
-    for param in model.parameters():
-        if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor" or hasattr(param, "ds_id"):
-            return True
-    return False
+    return any(is_sharded(param) for param in model.parameters())
 
 
 @torch.no_grad()

@@ -187,8 +187,8 @@ class Balancer(nn.Module):
             if dropped is not None:
                 self.reported_dropped_sum_L[layer] += dropped.detach().to(home, torch.float64)
                 self.reported_batches_L[layer] += 1
-            if self.config.uses_quantile and not (self.is_measuring and selection_scores is None):
-                self._add_margins(layer, logits_TE, selection_scores, weight_T)  # prices need them, metrics do not
+            if self.config.uses_quantile and not self.is_measuring:  # prices need them, measuring windows do not
+                self._add_margins(layer, logits_TE, selection_scores, weight_T)
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
         total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, segments,

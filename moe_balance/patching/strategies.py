@@ -176,11 +176,15 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     T = logits_TE.shape[0]
     bal = state.balancer
     segment_T = state.batch.segments_for(T, logits_TE.device) if bal.config.aux_loss == "seq" else None
-    # The router's own scores, normalised over experts as the losses expect (DeepSeek-V3's f*P does so).
-    scores = scores_to_probs(logits_TE, "sigmoid") if site.score_func == "sigmoid" else None
+    # The router's own scores, normalised over experts as the losses expect (DeepSeek-V3's f*P does so);
+    # only a loss reads them.
+    scores = scores_to_probs(logits_TE, "sigmoid") if site.score_func == "sigmoid" and bal.config.uses_loss \
+        else None
     # A reentrant recomputation is the only pass with grad: its loss must be attached, whatever attach_loss says.
     forced = recompute and record and not state.attach_loss
-    selection = selection_scores(site, logits_TE, ranked_TE) if bal.config.uses_quantile and record else None
+    # Prices are set from training windows only; a measuring window is never stepped with a bias update.
+    wants_prices = bal.config.uses_quantile and record and not bal.is_measuring
+    selection = selection_scores(site, logits_TE, ranked_TE) if wants_prices else None
     loss = bal.observe(site.layer, logits_TE, idx_TK.reshape(T, -1), state.batch.mask_for(T), scores=scores,
                        segment_ids=segment_T, selection_scores=selection,
                        collect=not (state.attach_loss or recompute), record=record, dropped=dropped)
@@ -346,6 +350,11 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # torch < 2.5: no public DTensor, no FSDP2 to shard a bias either
         return False
     return isinstance(tensor, DTensor)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """An FSDP2 DTensor (the parameter or its data) or a ZeRO-3 partitioned parameter."""
+    return _is_dtensor(tensor) or _is_dtensor(tensor.data) or hasattr(tensor, "ds_id")
 
 
 def read_native(tensor: torch.Tensor) -> torch.Tensor:
