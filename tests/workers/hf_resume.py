@@ -39,6 +39,7 @@ def run(ckpt: Path, out: Path, engine: str, restore_callbacks: bool, resume: str
     trainer.train(resume_from_checkpoint=resume)
     if engine.startswith("zero"):
         assert trainer.is_deepspeed_enabled, "the Trainer silently ran without DeepSpeed"
+        assert trainer.deepspeed.zero_optimization_stage() == int(engine[-1]), "another ZeRO stage ran"
     driver = trainer._moe_balance_callback  # the callback that drives the patch (rebuilt on restore)
     bal = driver.balancer
     native = [m.e_score_correction_bias.detach().float().reshape(-1).tolist() for m in trainer.model.modules()
