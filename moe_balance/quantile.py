@@ -3,8 +3,9 @@
 Balance is the dual of an assignment problem with one price per expert (Su, "MoE World Tour 6:
 optimal allocation", 2026; Megatron-Core ``moe_router_load_balancing_type="quantile_balancing"``).
 Tokens route by ``argtop_k(s + b)``; with ``b = -beta`` the bias *is* the negated price. For a token
-t its cutoff ``alpha_t`` is its (k+1)-th biased score; relative to the current bias, token t keeps
-(or would take) expert j iff ``r_tj = s_tj + b_j - alpha_t > 0``. Moving expert j's bias by ``-q_j``
+t its cutoff ``alpha_t`` is its (k+1)-th biased score for the experts it chose (Megatron's cutoff) and
+its k-th for the others (to enter, an expert must beat the weakest chosen one); relative to the current
+bias, token t keeps (or would take) expert j iff ``r_tj = s_tj + b_j - alpha_t > 0``. Moving expert j's bias by ``-q_j``
 admits exactly the tokens with ``r_tj > q_j``, so the price that admits the balanced share
 ``C = T * k / E`` is the (C+1)-th largest ``r_tj`` over the tokens.
 
@@ -22,10 +23,15 @@ import torch
 
 
 def relative_margins(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``r_TE = s + b - alpha`` with ``alpha_t`` the token's (k+1)-th biased score (fp32)."""
+    """``r_TE = s + b - alpha`` (fp32): ``alpha_t`` is the token's (k+1)-th biased score for the experts it
+    chose and its k-th for the others, so ``r_tj > q`` exactly when j is chosen with ``b_j - q``."""
     biased_TE = scores_TE.float() + bias_E.float()
-    alpha_T = biased_TE.topk(top_k + 1, dim=-1).values[:, top_k]
-    return biased_TE - alpha_T[:, None]
+    top_TK1 = biased_TE.topk(top_k + 1, dim=-1).values
+    kth_T1, next_T1 = top_TK1[:, top_k - 1:top_k], top_TK1[:, top_k:]
+    # A chosen expert stays while it beats the best unchosen one ((k+1)-th); an unchosen one enters only
+    # by beating the weakest chosen one (k-th). With one (k+1)-th cutoff for both, every token's
+    # runner-up sits at margin 0 and an underloaded expert's price stalls there.
+    return torch.where(biased_TE >= kth_T1, biased_TE - next_T1, biased_TE - kth_T1)
 
 
 BIN_STEP = 0.5  # a factor of 1.41 per bin; with 128 bins the range spans 2^32
