@@ -28,6 +28,7 @@ from collections.abc import Mapping
 AUX_LOSSES = ("none", "switch", "seq", "global_batch", "importance_cv", "load_cv",
               "kl_uniform", "entropy")
 BIAS_UPDATES = ("none", "sign", "sign_centered", "proportional", "normalized", "quantile")
+BIAS_SPACES = ("auto", "scores", "logits")
 BIAS_SCHEDULES = ("constant", "step", "linear", "cosine")
 SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
@@ -90,6 +91,14 @@ class BalanceConfig:
     bias_update_rate: float = 1e-3
     """Rate of the rate rules. For ``quantile`` only the schedule's shape matters (rate / this = share of
     the price move applied; 1 = set the price)."""
+    bias_space: str = "auto"
+    """What the bias is added to for the selection. ``scores``: the scores the router ranks (probabilities
+    for softmax routers; Loss-Free's definition, in which the rate rules' rates are given); ``logits``:
+    their logit-space reading (log-probabilities of a softmax, the logits of a sigmoid; routers that rank
+    raw logits are unchanged). ``auto``: ``logits`` for ``quantile``, ``scores`` for the rate rules.
+    Routers with their own bias buffer (DeepSeek-V3 family) always use their own space (the checkpoint's).
+    Collapsed softmax routers have ~0 probability for most experts, so in ``scores`` the bias alone orders
+    them and clusters of tokens move together; measured in the README."""
     bias_schedule: str = "constant"
     """``constant``; ``step``: rate drops to 0 after ``bias_schedule_steps`` updates (DeepSeek-V3);
     ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``. The schedule starts when warm-up ends."""
@@ -124,6 +133,7 @@ class BalanceConfig:
         _choice("aux_loss", self.aux_loss, AUX_LOSSES)
         _choice("bias_update", self.bias_update, BIAS_UPDATES)
         _choice("bias_schedule", self.bias_schedule, BIAS_SCHEDULES)
+        _choice("bias_space", self.bias_space, BIAS_SPACES)
         _choice("score_func", self.score_func, SCORE_FUNCS)
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _number("aux_loss_coef", self.aux_loss_coef, low=0)
@@ -168,6 +178,11 @@ class BalanceConfig:
     @property
     def uses_quantile(self) -> bool:
         return self.bias_update == "quantile"
+
+    @property
+    def ranks_logits(self) -> bool:
+        """Whether interception adds the bias in logit space (see ``bias_space``)."""
+        return self.bias_space == "logits" or (self.bias_space == "auto" and self.uses_quantile)
 
     @property
     def uses_aux(self) -> bool:
@@ -226,5 +241,5 @@ def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **ov
     return base
 
 
-__all__ = ["BalanceConfig", "resolve_config", "read_deepspeed_entry", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SCHEDULES",
+__all__ = ["BalanceConfig", "resolve_config", "read_deepspeed_entry", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SPACES", "BIAS_SCHEDULES",
            ]

@@ -20,6 +20,7 @@ BAD_VALUES = {
     "adaptive_min_coef": [-1.0],
     "adaptive_max_coef": [-1.0],
     "bias_update": ["sgn", None],
+    "bias_space": ["logit", 1],
     "bias_update_rate": [-1e-3, float("nan")],
     "bias_schedule": ["exp"],
     "bias_schedule_steps": [-1, 1.5],

@@ -17,20 +17,28 @@ _TOPK = {torch.topk, torch.Tensor.topk}
 _ARGMAX = {torch.argmax, torch.Tensor.argmax}
 _LINEAR = {F.linear, torch._C._nn.linear}
 _SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid}
+_SOFTMAX = {torch.softmax, torch.Tensor.softmax, F.softmax}
+_MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill}
 
 
 class SelectionInterceptor(TorchFunctionMode):
     """Bias the top-k selection over ``num_experts`` and record what the router computed."""
 
     def __init__(self, bias_E: torch.Tensor | None, num_experts: int, top_k: int,
-                 zero_is_masked: bool = False, argmax: bool = False, clone_logits: bool = False) -> None:
+                 zero_is_masked: bool = False, argmax: bool = False, clone_logits: bool = False,
+                 logit_space: bool = False) -> None:
         super().__init__()
+        self.logit_space = logit_space  # rank log-probabilities / logits instead of probabilities
         self.bias_E, self.num_experts, self.top_k = bias_E, num_experts, top_k
         self.zero_is_masked = zero_is_masked
         self.argmax = argmax  # DeepSpeed's top-1/top-2 gates choose by argmax
         self.clone_logits = clone_logits  # DeepSpeed's top-2 adds noise to its logits in place
         self.logits: torch.Tensor | None = None
-        self.ranked: torch.Tensor | None = None  # what the first selection ranked, before our bias
+        self.ranked: torch.Tensor | None = None  # what the first selection ranked, before our bias (bias space)
+        self.first_probs: torch.Tensor | None = None  # the first selection's own input (DeepSpeed top-2)
+        # softmax / sigmoid outputs of this forward -> how to read them in logit space (inputs kept alive
+        # so ids are not reused while the mode is active)
+        self._sources: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, int]] = {}
         self.selections: list[torch.Tensor] = []
         self.used_sigmoid = False
 
@@ -57,7 +65,41 @@ class SelectionInterceptor(TorchFunctionMode):
             self.logits = out.clone() if self.clone_logits else out
         elif func in _SIGMOID:
             self.used_sigmoid = True
+        if self.logit_space and isinstance(out, torch.Tensor):
+            self._track(func, args, kwargs, out)
         return out
+
+    def _track(self, func, args, kwargs, out: torch.Tensor) -> None:
+        """Remember score tensors whose logit-space reading is exact: a softmax (its log-softmax), a
+        sigmoid (its input) and a masked_fill of a softmax (DeepSeek-V2's excluded groups: log 0 = -inf)."""
+        src = args[0] if args else kwargs.get("input")
+        if not isinstance(src, torch.Tensor):
+            return
+        if func in _SOFTMAX:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            self._sources[id(out)] = ("softmax", out, src, dim)
+        elif func in _SIGMOID:
+            self._sources[id(out)] = ("sigmoid", out, src, -1)
+        elif func in _MASKED_FILL and self._sources.get(id(src), ("",))[0] == "softmax":
+            self._sources[id(out)] = ("masked_softmax", out, None, -1)
+
+    def _space(self, x: torch.Tensor) -> torch.Tensor:
+        """What the bias is added to, fp32 and detached: ``x`` itself, or (``logit_space``) its exact
+        logit-space reading when ``x`` came from a softmax or sigmoid in this forward.
+
+        Probabilities of a collapsed softmax router are ~0 for most experts: their order, and so every
+        token's second choice, is then decided by the bias alone and whole clusters of tokens move at
+        once. Log-probabilities (logits, for sigmoid scores) keep the router's own order and spacing.
+        The order is unchanged (both maps are monotone), so with a zero bias the selection is too.
+        """
+        kind, _, src, dim = self._sources.get(id(x), (None, None, None, -1))  # before detach: a new object
+        if kind == "softmax":
+            return torch.log_softmax(src.detach().float(), dim=dim)
+        if kind == "sigmoid":
+            return src.detach().float()
+        if kind == "masked_softmax":
+            return x.detach().float().log()
+        return x.detach().float()
 
     def _topk(self, func, args, kwargs):
         x = args[0] if args else kwargs["input"]
@@ -84,9 +126,13 @@ class SelectionInterceptor(TorchFunctionMode):
             # top-2's second pick ranks the (noised) logits with the first pick masked. Rank them as the
             # first pick's probabilities instead: softmax over the rest times (1 - p_first) is p_j again
             # (without noise), so both picks are argtop_2(p + b) and one bias means the same in both.
-            p_first_T1 = self.ranked.float().gather(-1, self.selections[0])
-            probs = torch.softmax(x.detach().float(), dim=-1) * (1.0 - p_first_T1)
-            choice = torch.where(torch.isneginf(x), torch.full_like(probs, float("-inf")), self._biased(probs))
+            # In logit space the same holds for log-probabilities: log_softmax(rest) + log(1 - p_first).
+            p_first_T1 = self.first_probs.float().gather(-1, self.selections[0])
+            if self.logit_space:
+                scores = torch.log_softmax(x.detach().float(), dim=-1) + torch.log1p(-p_first_T1)
+            else:
+                scores = torch.softmax(x.detach().float(), dim=-1) * (1.0 - p_first_T1)
+            choice = torch.where(torch.isneginf(x), torch.full_like(scores, float("-inf")), self._add_bias(scores))
         else:
             choice = self._biased(x)
             self._remember(x)
@@ -96,17 +142,25 @@ class SelectionInterceptor(TorchFunctionMode):
 
     def _remember(self, x: torch.Tensor) -> None:
         if self.ranked is None:
-            self.ranked = x.detach()
+            self.first_probs = x.detach()
+            self.ranked = self._masked(x, self._space(x))
+
+    def _masked(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited routers zero the scores of excluded groups: no bias may buy those back."""
+        if not self.zero_is_masked:
+            return scores
+        return torch.where(x.detach() == 0, torch.full_like(scores, float("-inf")), scores)
 
     def _biased(self, x: torch.Tensor) -> torch.Tensor:
-        """What the selection ranks: ``x + b`` in fp32 (no grad), keeping masked entries masked.
+        """What the selection ranks: ``x`` read in the bias space, plus ``b``, in fp32 (no grad).
 
         fp32 because a bf16 router would round a small bias away (0.002 next to scores near 0.5).
         """
-        x = x.detach()
         if self.bias_E is None:
-            return x
-        choice = x.float() + self.bias_E.to(x.device, torch.float32)
-        if self.zero_is_masked:  # group-limited routers zero the scores of excluded groups
-            choice = torch.where(x == 0, torch.full_like(x, float("-inf")), choice)
-        return choice
+            return x.detach()
+        return self._masked(x, self._add_bias(self._space(x)))
+
+    def _add_bias(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.bias_E is None:
+            return scores
+        return scores.float() + self.bias_E.to(scores.device, torch.float32)

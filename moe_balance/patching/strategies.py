@@ -200,17 +200,17 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
 
 
 def selection_scores(site: RouterSite, logits_TE: torch.Tensor, ranked_TE: torch.Tensor | None) -> torch.Tensor:
-    """The unbiased scores the router ranks (quantile prices are quantiles of these).
+    """The unbiased scores the router ranks, in the space the bias is added to (quantile prices are
+    quantiles of these).
 
-    Interception saw them (minus the model's own bias buffer, already added by its code when it has
-    one); for native-bias routers they are the router's scores of its logits.
+    Interception saw them (read in logit space when the config ranks logits; experts of excluded groups
+    at -inf; minus the model's own bias buffer, already added by its code when it has one); for
+    native-bias routers they are the router's scores of its logits.
     """
     if ranked_TE is None:
         return scores_to_probs(logits_TE, site.score_func) if site.score_func == "softmax" \
             else torch.sigmoid(logits_TE.float())
     ranked_TE = ranked_TE.reshape(logits_TE.shape[0], -1).float()
-    if site.strategy == "group_limited":  # experts of excluded groups (zeroed) cannot be bought by a price
-        ranked_TE = ranked_TE.masked_fill(ranked_TE == 0, float("-inf"))
     if site.native_owner is not None:
         ranked_TE = ranked_TE - site.native_bias.detach().float().reshape(-1).to(ranked_TE.device)
     return ranked_TE
@@ -259,7 +259,8 @@ class InterceptSelection:
         uses_bias = site.state.balancer.config.uses_bias and site.native_owner is None
         bias_E = site.state.balancer.bias_LE[site.layer] if uses_bias else None
         mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
-                                    self._mb_argmax, self._mb_clone_logits)
+                                    self._mb_argmax, self._mb_clone_logits,
+                                    logit_space=uses_bias and site.state.balancer.config.ranks_logits)
         with mode:
             output = super().forward(*args, **kwargs)
         if mode.intercepted == 0 or mode.indices is None:
