@@ -42,6 +42,21 @@ def test_price_admits_the_balanced_share():
     assert q_LE[0, 0] > 0 > q_LE[0, -1]  # the favoured expert gets a positive price, the shunned one negative
 
 
+def test_margin_says_exactly_when_a_bias_move_admits_a_token():
+    """Moving expert j's bias by -q selects j for token t iff r_tj > q: for the experts a token chose (the
+    (k+1)-th score is the bar to stay) and for the others (the k-th is the bar to enter). With one (k+1)-th
+    cutoff for both, every token's runner-up had margin 0 and a small raise (q < 0) wrongly counted as entry."""
+    g = torch.Generator().manual_seed(1)
+    scores, bias = torch.randn(300, E, generator=g), torch.randn(E, generator=g) * 0.3
+    margins = relative_margins(scores, bias, K)
+    for j in range(E):
+        for q in (-0.7, -0.05, -1e-4, 1e-4, 0.05, 0.7):
+            moved = bias.clone()
+            moved[j] -= q
+            chosen = ((scores + moved).topk(K, -1).indices == j).any(-1)
+            assert torch.equal(chosen, margins[:, j] > q), (j, q)
+
+
 def test_geometric_bins_follow_moves_at_every_scale():
     """A layout whose range shrank after small moves could not follow a big one later: 64 experts
     stayed near MaxVio 7 for several steps. Collapsed starts of 16-256 experts balance within a few steps."""
@@ -165,6 +180,32 @@ def test_default_config_rebalances_every_score_space(model_type):
     result = train_skewed(model_type, 60, **mb.BalanceConfig().to_dict())
     assert result["start_maxvio"] > 2.0
     assert result["end_maxvio"] < 1.0 and result["end_maxvio"] < result["start_maxvio"] / 3, result
+
+
+def test_quantile_ranks_log_probabilities_of_softmax_routers():
+    """bias_space="auto" with quantile adds the bias to log-probabilities (the rate rules keep probabilities):
+    the chosen experts are top_k(log_softmax(logits) + b) while the gate weights stay the model's own."""
+    from moe_balance.testing import tiny_model
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    chosen = {}
+    for space in ("auto", "scores"):
+        model = tiny_model("mixtral", seed=0)
+        bal = mb.patch(model, mb.BalanceConfig(bias_space=space))
+        bal.bias_LE.copy_(0.05 * torch.randn(bal.bias_LE.shape, generator=torch.Generator().manual_seed(1)))
+        gate = mb.patching.patch_state_of(model).sites[0].module
+        seen = {}
+        hook = gate.register_forward_hook(lambda m, a, out: seen.update(x=a[0].detach(), out=out))
+        model(input_ids=ids)
+        hook.remove()
+        logits = seen["x"].reshape(-1, seen["x"].shape[-1]).float() @ gate.weight.float().T
+        probs = torch.softmax(logits, -1)
+        space_scores = torch.log_softmax(logits, -1) if space == "auto" else probs
+        expected = (space_scores + bal.bias_LE[0]).topk(model.config.num_experts_per_tok, -1).indices
+        indices, weights = seen["out"][2], seen["out"][1]
+        assert torch.equal(indices, expected), space
+        assert torch.allclose(weights.float(), probs.gather(-1, indices) / probs.gather(-1, indices).sum(-1, True))
+        chosen[space] = indices
+    assert not torch.equal(chosen["auto"], chosen["scores"])  # the spaces do differ under this bias
 
 
 def test_quantile_observe_does_not_sync_with_the_host():
