@@ -55,6 +55,7 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "sign_1e-2": ({"bias_update": "sign", "bias_update_rate": 1e-2}, None),
     "quantile": ({"bias_update": "quantile"}, None),
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
+    "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
                  "quantile", "quantile+seq_1e-4"]
@@ -83,6 +84,41 @@ def sampling_floor(tokens: int, repeats: int = 200) -> float:
                                                                       torch.ones(idx.numel(), dtype=torch.float64))
         values.append(float(stats.maxvio(counts[None])[0]))
     return statistics.mean(values)
+
+
+def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: int, iters: int = 30) -> dict:
+    """What a bias can reach for this router as it stands: the quantile rule iterated ``iters`` times on a
+    fixed pool of training batches (nothing learns; the bias that balances the pool as a whole), then
+    MaxVio per training batch of that pool and over the held-out set under that bias.
+
+    * ``floor_batch``: a deterministic router balanced exactly over the pool still varies from batch to
+      batch with what the batch holds (16 windows of contiguous bytes); the independent-token sampling
+      floor ignores that, so it is a lower bound no router reaches.
+    * ``floor_heldout``: held-out files differ from the training files; no bias estimated on training data
+      does better on them than the pool's exact price.
+    """
+    if not balancer.config.uses_quantile:
+        raise ValueError("price_floor needs a quantile balancer")
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        with torch.enable_grad():  # recorded as training windows; nothing needs grad, no backward
+            for _ in range(iters):
+                for ids in pool:
+                    model(input_ids=ids)
+                balancer.step()
+        pooled = balancer.metrics()["maxvio_global"]
+        per_batch = []
+        for ids in pool:
+            with balancer.measuring():
+                model(input_ids=ids)
+            per_batch.append(balancer.metrics()["maxvio_global"])
+        _, held = evaluate_heldout(model, balancer, val, eval_batches, seed=1234)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"]}
 
 
 def steps_to_balance(curve: list[float], bound: float) -> int | None:
@@ -125,6 +161,12 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
            "step_ms": 1e3 * statistics.median(times)}
     if not frozen:
         row.update(evaluate(model, balancer, val, args.eval_batches))
+    if balancer.config.uses_quantile and args.floor_batches:
+        pool = [next(stream) for _ in range(args.floor_batches)]  # batches the run would have trained on next
+        row.update(price_floor(model, balancer, pool, val, args.eval_batches))
+        floor = row["floor_batch"]
+        balanced = steps_to_balance(curve, 2 * floor)
+        row["steps_to_2x_floor_batch"] = balanced if balanced else math.nan
     return {"row": row, "curve": curve}
 
 
@@ -162,6 +204,20 @@ LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxv
                  ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
                  ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
 FROZEN_COLS = [("steps to balance (frozen router)", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
+FLOOR_COLS = [("pool (exact price)", "floor_pool", 2), ("per training batch", "floor_batch", 2),
+              ("held-out", "floor_heldout", 2), ("steps until < 2x per-batch floor", "steps_to_2x_floor_batch", 0)]
+FLOOR_HEADER = ("Price floors (quantile rows; the run's final router, nothing learning, the bias iterated 30 times on "
+                "{n} training batches; MaxVio)")
+
+
+def floor_table(rows: list[dict], batches: int) -> str:
+    with_floor = [r for r in rows if not math.isnan(r.get("floor_batch", math.nan))]
+    if not with_floor:
+        return ""
+    keys = tuple(k for _, k, _ in FLOOR_COLS)
+    frozen = [dict(r, method=f"{r['method']} (frozen router)") if r["frozen"] in (True, "True") else r
+              for r in with_floor]
+    return "\n" + markdown(summarize(frozen, keys), FLOOR_COLS, FLOOR_HEADER.format(n=batches))
 
 
 def main(argv=None) -> int:
@@ -177,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", help="learning-router rows (default: a set per mode)")
     p.add_argument("--frozen-methods", help="frozen-router rows ('' to skip)")
     p.add_argument("--frozen-steps", type=int, default=30)
+    p.add_argument("--floor-batches", type=int, default=16,
+                   help="quantile rows: pool size for the price floors after the run (0 = skip)")
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--tag", help="output name (default quick/full); use one per process when splitting a run")
     p.add_argument("--merge", nargs="+", metavar="CSV",
@@ -232,6 +290,7 @@ def main(argv=None) -> int:
     if frozen_rows:
         table += "\n" + markdown(summarize(frozen_rows, ("steps_to_balance", "step_ms")), FROZEN_COLS,
                                  f"Frozen router (as under LoRA): {args.frozen_steps} steps, same start and data")
+    table += floor_table(rows + frozen_rows, args.floor_batches)
     (out / f"quality_{tag}.md").write_text(table)
     all_rows = rows + frozen_rows
     fields = list(dict.fromkeys(k for r in all_rows for k in r))
@@ -272,6 +331,7 @@ def merge_tables(args) -> int:
         table += markdown(summarize(learning, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
     if frozen:
         table += "\n" + markdown(summarize(frozen, ("steps_to_balance", "step_ms")), FROZEN_COLS, "Frozen router")
+    table += floor_table(learning + frozen, 16)
     (out / f"quality_{tag}.md").write_text(table)
     fields = list(dict.fromkeys(k for r in rows.values() for k in r))
     with (out / f"quality_{tag}.csv").open("w", newline="") as f:

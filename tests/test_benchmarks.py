@@ -35,8 +35,13 @@ def test_quality_quick_smoke(tmp_path):
     assert [r["method"] for r in rows if r["frozen"] == "True"] == ["quantile", "quantile"]
     for r in learning:
         assert float(r["val_loss"]) > 0 and float(r["maxvio_global"]) >= 0 and float(r["step_ms"]) > 0
+    for r in rows:  # price floors are measured for quantile rows only
+        has_floor = r["method"] == "quantile"
+        assert all((r[k] not in ("", "nan")) == has_floor for k in ("floor_pool", "floor_batch", "floor_heldout"))
     table = (tmp_path / "quality_quick.md").read_text()
-    assert table.count("\n| ") == 5 + 2  # header + 4 methods, then the frozen table's header + 1 method
+    # header + 4 methods, the frozen table's header + 1 method, the floor table's header + 1 row
+    assert table.count("\n| ") == 5 + 2 + 2
+    assert "quantile (frozen router)" in table
     assert "steps to balance" in table
     assert (tmp_path / "quality_quick_maxvio.png").exists()
 
