@@ -27,7 +27,7 @@ from torch import nn
 from . import stats
 from .adaptive import AdaptiveCoef
 from .bias import BiasController
-from .config import BalanceConfig, resolve_config
+from .config import BalanceConfig, resolve_config, resolved_bias_space
 from .distributed import StepReducer
 from .quantile import margin_histogram
 from .losses import RoutingBatch, aux_loss, scores_to_probs, segments_from_seq_len, z_loss
@@ -494,6 +494,15 @@ class Balancer(nn.Module):
         if shape != [self.num_layers, self.num_experts, self.top_k]:
             raise ValueError(f"Balancer state is for [layers, experts, top_k]={shape}, this balancer is "
                              f"{[self.num_layers, self.num_experts, self.top_k]}")
+        saved = state.get("config") or {}
+        # states from before bias_space existed kept the bias on the router's scores
+        saved_space = resolved_bias_space(saved.get("bias_update", "none"), saved.get("bias_space", "scores"))
+        own_space = resolved_bias_space(self.config.bias_update, self.config.bias_space)
+        if saved.get("bias_update", "none") != "none" and saved_space != own_space:
+            raise ValueError(
+                f"Balancer state holds a bias added to the router's {saved_space} "
+                f"(bias_update={saved.get('bias_update')!r}), this config adds it to {own_space}; "
+                f"resume with BalanceConfig(bias_space={saved_space!r}) or start the bias afresh")
         self.num_steps = int(state["num_steps"])
         self._has_ema = bool(state["has_ema"])
         if self.config.adaptive_aux:  # otherwise the configured weight wins (a resumed run may change it)

@@ -34,6 +34,13 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
 
 
+def resolved_bias_space(bias_update: str, bias_space: str) -> str:
+    """``scores`` or ``logits``: where a bias of this rule lives (``auto``: logits for quantile)."""
+    if bias_space == "auto":
+        return "logits" if bias_update == "quantile" else "scores"
+    return bias_space
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"BalanceConfig.{name}={value!r} is not allowed; choose one of {list(allowed)}")
@@ -182,7 +189,7 @@ class BalanceConfig:
     @property
     def ranks_logits(self) -> bool:
         """Whether interception adds the bias in logit space (see ``bias_space``)."""
-        return self.bias_space == "logits" or (self.bias_space == "auto" and self.uses_quantile)
+        return resolved_bias_space(self.bias_update, self.bias_space) == "logits"
 
     @property
     def uses_aux(self) -> bool:

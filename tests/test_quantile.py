@@ -208,6 +208,26 @@ def test_quantile_ranks_log_probabilities_of_softmax_routers():
     assert not torch.equal(chosen["auto"], chosen["scores"])  # the spaces do differ under this bias
 
 
+def test_resume_refuses_a_bias_from_another_space(tmp_path):
+    """A bias on log-probabilities means nothing on probabilities: resuming across spaces is an error that
+    names the field, raised before anything is loaded; the saved space resumes."""
+    saved = quantile_balancer()
+    saved.bias_LE.fill_(0.5)
+    path = saved.save(tmp_path / "state.pt")
+    other = quantile_balancer(bias_space="scores")
+    with pytest.raises(ValueError, match="bias_space='logits'"):
+        other.load(path)
+    assert other.bias_LE.abs().sum() == 0
+    assert torch.equal(quantile_balancer(bias_space="logits").load(path).bias_LE, saved.bias_LE)
+    old = saved.state_dict()  # a state from before bias_space: its bias was on the scores
+    del old["_extra_state"]["config"]["bias_space"]
+    with pytest.raises(ValueError, match="bias_space='scores'"):
+        quantile_balancer().load_state_dict(old)
+    resumed = quantile_balancer(bias_space="scores")
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.bias_LE, saved.bias_LE)
+
+
 def test_quantile_observe_does_not_sync_with_the_host():
     from .test_balancer import _NoHostSync
     bal = quantile_balancer()
