@@ -96,6 +96,7 @@ class Balancer(nn.Module):
                                  persistent=True)
         self.register_buffer("quantile_range_L", torch.ones(L, dtype=torch.float64))
         self.register_buffer("last_delta_sign_LE", torch.zeros(L, E, dtype=torch.int8))
+        self.register_buffer("quantile_gain_LE", torch.ones(L, E, dtype=torch.float64))
         if self.config.expert_parallel_size > 1 and E % self.config.expert_parallel_size:
             raise ValueError(f"BalanceConfig.expert_parallel_size={self.config.expert_parallel_size} must divide "
                              f"num_experts={E}")
@@ -110,7 +111,7 @@ class Balancer(nn.Module):
         self._adaptive = AdaptiveCoef(self.config)
         self.aux_coef.fill_(self._adaptive.coef)
         self._bias = BiasController(self.config, self.bias_LE, self.ema_LE, self.last_delta_sign_LE,
-                                    self.quantile_range_L)
+                                    self.quantile_range_L, self.quantile_gain_LE)
         self.reducer = StepReducer(process_group)
         self._pending: list[torch.Tensor] = []
         self.last_window: dict[str, torch.Tensor] | None = None
@@ -516,7 +517,7 @@ class Balancer(nn.Module):
         # Window statistics are empty at a checkpoint, and states from another rule or an older version
         # lack the quantile/flip buffers: keep ours for what is missing, drop windows we do not keep.
         optional = {name for name, _ in _WINDOW_FIELDS} | {"quantile_hist_LEB", "quantile_range_L",
-                                                            "last_delta_sign_LE"}
+                                                            "last_delta_sign_LE", "quantile_gain_LE"}
         own = self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
         state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})

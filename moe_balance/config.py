@@ -117,6 +117,9 @@ class BalanceConfig:
     bias_clamp: float | None = None
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
+    quantile_adaptive_step: bool = True
+    """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
+    small batches) and regrown while they keep one direction; False = always set the price (Megatron)."""
     quantile_bins: int = 128
     """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
     expert_parallel_size: int = 1
@@ -165,7 +168,7 @@ class BalanceConfig:
         _number("bias_ema", self.bias_ema, low=0, high=1, high_open=True)
         if self.bias_clamp is not None:
             _number("bias_clamp", self.bias_clamp, low=0, low_open=True)
-        for name in ("adaptive_aux", "bias_freeze", "log_per_layer"):
+        for name in ("adaptive_aux", "bias_freeze", "log_per_layer", "quantile_adaptive_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BalanceConfig.{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.capacity_factors, tuple) or not self.capacity_factors:
