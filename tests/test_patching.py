@@ -82,6 +82,13 @@ def test_zero_bias_patch_is_bit_identical_and_reversible(model_type, overrides, 
     mb.unpatch(twin)
     mb.unpatch(model)  # harmless when not patched
 
+    # the default config (quantile) ranks log-probabilities / logits: with a zero bias, the same run again
+    assert mb.patch(model).config.ranks_logits
+    assert_same_run(run(model, batch), reference)
+    with torch.no_grad():
+        assert torch.equal(model.generate(batch["input_ids"][:1, :4], max_new_tokens=4, do_sample=False), gen_ref)
+    mb.unpatch(model)
+
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_registry_matches_detection(model_type):
