@@ -11,9 +11,10 @@ over the whole step (all micro-batches, all ranks) and the relative error
 * ``normalized``:    ``b += u * e / RMS(e)``              (update size independent of the load scale)
 * ``quantile``:      ``b = -price``, the price that admits ``T*k/E`` tokens (no rate; see ``quantile.py``)
 
-The bias lives in the space the router takes its top-k in: probabilities for most softmax
-routers, sigmoid scores for the DeepSeek-V3 family. A rate of 1e-3 is small on probabilities
-of 8-64 experts; on raw logits it is smaller still.
+The rate rules add the bias where the router takes its top-k (probabilities for most softmax
+routers, sigmoid scores for the DeepSeek-V3 family): a rate of 1e-3 is small on probabilities of
+8-64 experts; on raw logits it is smaller still. The quantile rule has no rate and by default adds
+it to log-probabilities / logits (``BalanceConfig.bias_space``).
 """
 
 from __future__ import annotations

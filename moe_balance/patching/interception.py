@@ -1,10 +1,11 @@
 """Selection interception: a TorchFunctionMode active only during one router's forward.
 
 It records the router's logits (the first E-wide ``linear`` output) and replaces the final
-``topk(x, k=top_k)`` over E experts by ``idx = topk(x + b).indices; values = x.gather(-1, idx)``:
-the bias changes which experts are chosen, never the values the router goes on to use. With
-``b = 0`` this is bit-identical to the original call (``x + 0 == x``; gather returns the same
-values and routes the same gradient as topk).
+``topk(x, k=top_k)`` over E experts by ``idx = topk(x' + b).indices; values = x.gather(-1, idx)``
+where ``x'`` is ``x`` or, with ``logit_space``, its logit-space reading (``log_softmax`` of the
+softmax's input, the sigmoid's input): the bias changes which experts are chosen, never the values
+the router goes on to use. With ``b = 0`` the same experts are chosen as by the original call (both
+readings keep the order; gather returns the same values and routes the same gradient as topk).
 """
 
 from __future__ import annotations
