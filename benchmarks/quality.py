@@ -56,12 +56,12 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile": ({"bias_update": "quantile"}, None),
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
     "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
-    "quantile_fixed_step": ({"bias_update": "quantile", "quantile_adaptive_step": False}, None),  # set the price
+    "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
-                 "quantile", "quantile+seq_1e-4", "quantile_fixed_step", "quantile_in_scores"]
+                 "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
 FULL_METHODS = ["none", "hf_aux_1e-2", "sign_1e-3", "sign+seq_1e-4", "quantile"]
-FROZEN_METHODS = ["none", "sign_1e-3", "sign_1e-2", "quantile", "quantile_fixed_step"]
+FROZEN_METHODS = ["none", "sign_1e-3", "sign_1e-2", "quantile", "quantile_adaptive_step"]
 EXPERTS, TOP_K = 16, 2
 
 

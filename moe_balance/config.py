@@ -117,9 +117,10 @@ class BalanceConfig:
     bias_clamp: float | None = None
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
-    quantile_adaptive_step: bool = True
+    quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
-    small batches) and regrown while they keep one direction; False = always set the price (Megatron)."""
+    small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
+    it filters the noise of a fixed token population but lags a learning router (README, measured)."""
     quantile_bins: int = 128
     """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
     expert_parallel_size: int = 1

@@ -205,7 +205,7 @@ def _population_maxvio(adaptive: bool, seed: int, steps: int = 60, batch: int = 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adaptive_step_filters_the_noise_of_small_batches(seed):
     """Setting the price of each 512-token batch carries that batch's noise into the bias; the adaptive step
-    shrinks while moves reverse. Measured here: population MaxVio 0.09-0.10 against 0.24-0.27 (seeds 0-3)."""
+    (opt-in) shrinks while moves reverse. Measured here: population MaxVio 0.09-0.10 against 0.24-0.27 (seeds 0-3)."""
     adaptive, gain = _population_maxvio(True, seed)
     fixed, fixed_gain = _population_maxvio(False, seed)
     assert adaptive < 0.15 and fixed > 0.2 and adaptive < fixed / 2, (adaptive, fixed)
