@@ -252,5 +252,5 @@ def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **ov
     return base
 
 
-__all__ = ["BalanceConfig", "resolve_config", "read_deepspeed_entry", "AUX_LOSSES", "BIAS_UPDATES", "BIAS_SPACES", "BIAS_SCHEDULES",
-           ]
+__all__ = ["BalanceConfig", "resolve_config", "resolved_bias_space", "read_deepspeed_entry", "AUX_LOSSES",
+           "BIAS_UPDATES", "BIAS_SPACES", "BIAS_SCHEDULES"]

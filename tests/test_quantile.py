@@ -224,7 +224,7 @@ def test_quantile_ranks_log_probabilities_of_softmax_routers():
         bal.bias_LE.copy_(0.05 * torch.randn(bal.bias_LE.shape, generator=torch.Generator().manual_seed(1)))
         gate = mb.patching.patch_state_of(model).sites[0].module
         seen = {}
-        hook = gate.register_forward_hook(lambda m, a, out: seen.update(x=a[0].detach(), out=out))
+        hook = gate.register_forward_hook(lambda m, a, out, seen=seen: seen.update(x=a[0].detach(), out=out))
         model(input_ids=ids)
         hook.remove()
         logits = seen["x"].reshape(-1, seen["x"].shape[-1]).float() @ gate.weight.float().T

@@ -292,8 +292,9 @@ class InterceptDeepSpeedGate(InterceptSelection):
 
     Both picks are ranked in one space with one bias: probabilities (or, by default with quantile,
     log-probabilities) for the first expert and for top-k; top-2's second pick, which DeepSpeed takes
-    over the noised logits, is read as the same probabilities with the first masked. Capacity and ``l_aux`` stay DeepSpeed's own;
-    the share of assignments DeepSpeed dropped at capacity is reported as ``capacity_dropped``.
+    over the noised logits, is read as the same probabilities with the first masked. Capacity and
+    ``l_aux`` stay DeepSpeed's own; the share of assignments DeepSpeed dropped at capacity is reported as
+    ``capacity_dropped``.
     Output: ``(l_aux, combine_weights, dispatch_mask, exp_counts)``.
     """
 
