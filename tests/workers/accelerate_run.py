@@ -35,4 +35,5 @@ def main(out: str, per_device_bs: int, ga: int, steps: int, lr: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+    from tests.workers import run_then_exit
+    run_then_exit(lambda: main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))

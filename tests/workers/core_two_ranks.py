@@ -35,4 +35,5 @@ def main(out_dir: str, rule: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from tests.workers import run_then_exit
+    run_then_exit(lambda: main(sys.argv[1], sys.argv[2]))

@@ -142,4 +142,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from tests.workers import run_then_exit
+    run_then_exit(main)

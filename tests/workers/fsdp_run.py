@@ -352,4 +352,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    from tests.workers import run_then_exit
+    run_then_exit(main)

@@ -33,4 +33,5 @@ def main(folder: str, out: str, lr: float, per_device_bs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    from tests.workers import run_then_exit
+    run_then_exit(lambda: main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])))

@@ -27,4 +27,5 @@ def main(out: str, per_device_bs: int, steps: int, lr: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    from tests.workers import run_then_exit
+    run_then_exit(lambda: main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))

@@ -256,4 +256,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tests.workers import run_then_exit
+    run_then_exit(main)
