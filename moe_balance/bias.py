@@ -131,12 +131,11 @@ class BiasController:
         if rate == 0.0:
             return
         step_size = (rate / cfg.bias_update_rate) * (1.0 - cfg.bias_ema)
-        move_LE = -q_LE - (-q_LE).mean(-1, keepdim=True)
+        move_LE = -q_LE
         if cfg.quantile_adaptive_step:
-            self._adapt_gain(move_LE, active_L)
-            move_LE = self.quantile_gain_LE * -q_LE
-            move_LE = move_LE - move_LE.mean(-1, keepdim=True)
-        delta_LE = step_size * move_LE  # prices are relative: sum(b) stays put
+            self._adapt_gain(move_LE - move_LE.mean(-1, keepdim=True), active_L)
+            move_LE = self.quantile_gain_LE * move_LE
+        delta_LE = step_size * (move_LE - move_LE.mean(-1, keepdim=True))  # prices are relative: sum(b) stays put
         self._apply(torch.where(active_L[:, None], delta_LE, torch.zeros_like(delta_LE)))
 
     def _adapt_gain(self, move_LE: torch.Tensor, active_L: torch.Tensor) -> None:

@@ -5,8 +5,8 @@ optimal allocation", 2026; Megatron-Core ``moe_router_load_balancing_type="quant
 Tokens route by ``argtop_k(s + b)``; with ``b = -beta`` the bias *is* the negated price. For a token
 t its cutoff ``alpha_t`` is its (k+1)-th biased score for the experts it chose (Megatron's cutoff) and
 its k-th for the others (to enter, an expert must beat the weakest chosen one); relative to the current
-bias, token t keeps (or would take) expert j iff ``r_tj = s_tj + b_j - alpha_t > 0``. Moving expert j's bias by ``-q_j``
-admits exactly the tokens with ``r_tj > q_j``, so the price that admits the balanced share
+bias, token t keeps (or would take) expert j iff ``r_tj = s_tj + b_j - alpha_t > 0``. Moving expert j's
+bias by ``-q_j`` admits exactly the tokens with ``r_tj > q_j``, so the price that admits the balanced share
 ``C = T * k / E`` is the (C+1)-th largest ``r_tj`` over the tokens.
 
 Quantiles do not add up across micro-batches and ranks, histograms do: every router call adds the

@@ -41,7 +41,6 @@ class SelectionInterceptor(TorchFunctionMode):
         # so ids are not reused while the mode is active)
         self._sources: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, int]] = {}
         self.selections: list[torch.Tensor] = []
-        self.used_sigmoid = False
 
     @property
     def intercepted(self) -> int:
@@ -64,8 +63,6 @@ class SelectionInterceptor(TorchFunctionMode):
         if func in _LINEAR and self.logits is None and isinstance(out, torch.Tensor) \
                 and out.shape[-1] == self.num_experts:
             self.logits = out.clone() if self.clone_logits else out
-        elif func in _SIGMOID:
-            self.used_sigmoid = True
         if self.logit_space and isinstance(out, torch.Tensor):
             self._track(func, args, kwargs, out)
         return out
@@ -114,7 +111,6 @@ class SelectionInterceptor(TorchFunctionMode):
             rest[name] = value
         indices = torch.topk(self._biased(x), k, dim=-1, **rest).indices
         values = x.gather(-1, indices)
-        self._remember(x)
         self.selections.append(indices)
         return torch.return_types.topk((values, indices))
 
@@ -136,15 +132,9 @@ class SelectionInterceptor(TorchFunctionMode):
             choice = torch.where(torch.isneginf(x), torch.full_like(scores, float("-inf")), self._add_bias(scores))
         else:
             choice = self._biased(x)
-            self._remember(x)
         indices = torch.argmax(choice, dim=-1, keepdim=bool(kwargs.get("keepdim", False)))
         self.selections.append(indices.reshape(-1, 1))
         return indices
-
-    def _remember(self, x: torch.Tensor) -> None:
-        if self.ranked is None:
-            self.first_probs = x.detach()
-            self.ranked = self._masked(x, self._space(x))
 
     def _masked(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Group-limited routers zero the scores of excluded groups: no bias may buy those back."""
@@ -153,13 +143,15 @@ class SelectionInterceptor(TorchFunctionMode):
         return torch.where(x.detach() == 0, torch.full_like(scores, float("-inf")), scores)
 
     def _biased(self, x: torch.Tensor) -> torch.Tensor:
-        """What the selection ranks: ``x`` read in the bias space, plus ``b``, in fp32 (no grad).
+        """What the selection ranks: ``x`` read in the bias space, plus ``b``, in fp32 (no grad). The first
+        selection's unbiased reading is kept in ``ranked`` (the quantile prices read it).
 
         fp32 because a bf16 router would round a small bias away (0.002 next to scores near 0.5).
         """
-        if self.bias_E is None:
-            return x.detach()
-        return self._masked(x, self._add_bias(self._space(x)))
+        scores = self._masked(x, self._space(x))
+        if self.ranked is None:
+            self.first_probs, self.ranked = x.detach(), scores
+        return x.detach() if self.bias_E is None else self._add_bias(scores)
 
     def _add_bias(self, scores: torch.Tensor) -> torch.Tensor:
         if self.bias_E is None:
