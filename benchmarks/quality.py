@@ -211,6 +211,25 @@ FLOOR_HEADER = ("Price floors (quantile rows; the run's final router, nothing le
                 "{n} training batches; MaxVio)")
 
 
+def write_tables(out: Path, tag: str, learning: list[dict], frozen: list[dict], header: str, frozen_header: str,
+                 floor_batches: int) -> str:
+    """Write ``quality_<tag>.md`` (learning, frozen-router and price-floor tables) and ``quality_<tag>.csv``
+    (every row) under ``out``; return the Markdown."""
+    table = ""
+    if learning:
+        table += markdown(summarize(learning, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
+    if frozen:
+        table += "\n" + markdown(summarize(frozen, ("steps_to_balance", "step_ms")), FROZEN_COLS, frozen_header)
+    table += floor_table(learning + frozen, floor_batches)
+    (out / f"quality_{tag}.md").write_text(table)
+    rows = learning + frozen
+    with (out / f"quality_{tag}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
 def floor_table(rows: list[dict], batches: int) -> str:
     with_floor = [r for r in rows if not math.isnan(r.get("floor_batch", math.nan))]
     if not with_floor:
@@ -285,20 +304,9 @@ def main(argv=None) -> int:
               f"held-out {args.eval_batches}x16x128 bytes; mean ± std [min-max] over {args.seeds} seeds; "
               f"training-window sampling floor {args.floor:.3f} (balanced = below {2 * args.floor:.3f} from then on); "
               f"corpus hash {digest}; wall {time.time() - wall:.0f} s")
-    table = ""
-    if rows:
-        table += markdown(summarize(rows, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
-    if frozen_rows:
-        table += "\n" + markdown(summarize(frozen_rows, ("steps_to_balance", "step_ms")), FROZEN_COLS,
-                                 f"Frozen router (as under LoRA): {args.frozen_steps} steps, same start and data")
-    table += floor_table(rows + frozen_rows, args.floor_batches)
-    (out / f"quality_{tag}.md").write_text(table)
-    all_rows = rows + frozen_rows
-    fields = list(dict.fromkeys(k for r in all_rows for k in r))
-    with (out / f"quality_{tag}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(all_rows)
+    table = write_tables(out, tag, rows, frozen_rows, header,
+                         f"Frozen router (as under LoRA): {args.frozen_steps} steps, same start and data",
+                         args.floor_batches)
     (out / f"quality_{tag}_curves.json").write_text(json.dumps(curves))
     try:
         from moe_balance.plot import plot_maxvio
@@ -327,18 +335,7 @@ def merge_tables(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "merged"
     header = f"Quality ({tag}, merged from {len(args.merge)} runs; seeds {seeds}): mean ± std [min-max]"
-    table = ""
-    if learning:
-        table += markdown(summarize(learning, tuple(k for _, k, _ in LEARNING_COLS)), LEARNING_COLS, header)
-    if frozen:
-        table += "\n" + markdown(summarize(frozen, ("steps_to_balance", "step_ms")), FROZEN_COLS, "Frozen router")
-    table += floor_table(learning + frozen, 16)
-    (out / f"quality_{tag}.md").write_text(table)
-    fields = list(dict.fromkeys(k for r in rows.values() for k in r))
-    with (out / f"quality_{tag}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows.values())
+    table = write_tables(out, tag, learning, frozen, header, "Frozen router", args.floor_batches)
     print(table)
     return 0
 
