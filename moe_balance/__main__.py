@@ -1,4 +1,4 @@
-"""Command line: ``python -m moe_balance {inspect,plot,architectures}``."""
+"""Command line: ``python -m moe_balance {inspect,plot,architectures,docs}``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from . import docgen
+    if args.check:
+        stale = docgen.stale(args.root)
+        for path in stale:
+            print(f"out of date: {path} (run `{docgen.COMMAND}`)")
+        return 1 if stale else 0
+    for path in docgen.write(args.root):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_balance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", default="balance.png")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("docs", help="regenerate the reference tables in README.md and docs/ from the code")
+    p.add_argument("--root", default=".", help="the repository root (default: the current directory)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
+    p.set_defaults(func=cmd_docs)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -76,8 +76,10 @@ class BalanceConfig:
 
     # --- auxiliary loss (gradient-based balancing) ---
     aux_loss: str = "none"
-    """One of ``AUX_LOSSES``. Coefficients apply per layer; layer losses are summed (Megatron)."""
+    """Auxiliary balance loss added through the router outputs (docs/methods.md). Coefficients apply per
+    layer; layer losses are summed (Megatron)."""
     aux_loss_coef: float = 1e-3
+    """Weight of the auxiliary loss per layer (Switch used 1e-2, DeepSeek-V3's sequence-wise loss 1e-4)."""
     z_loss_coef: float = 0.0
     """Router z-loss ``mean(logsumexp(logits)^2)`` weight (ST-MoE uses 1e-3)."""
     score_func: str = "softmax"
@@ -85,16 +87,22 @@ class BalanceConfig:
 
     # --- adaptive auxiliary-loss weight (controller on the measured MaxVio) ---
     adaptive_aux: bool = False
+    """Move ``aux_loss_coef`` with the measured MaxVio (needs an ``aux_loss``); off: the configured
+    coefficient always wins over a checkpoint's."""
     adaptive_target_maxvio: float = 0.1
+    """``adaptive_aux``: the window MaxVio above which the coefficient grows."""
     adaptive_rate: float = 0.1
     """Multiplicative step: coef *= (1 + rate) above target, /= (1 + rate) below."""
     adaptive_min_coef: float = 1e-5
+    """``adaptive_aux``: lower bound of the coefficient."""
     adaptive_max_coef: float = 1e-1
+    """``adaptive_aux``: upper bound of the coefficient (not below ``adaptive_min_coef``)."""
 
     # --- loss-free bias controller ---
     bias_update: str = "quantile"
-    """One of ``BIAS_UPDATES``. ``quantile`` (default) needs no rate and works in any score space;
-    the rate rules (``sign`` ...) keep their paper semantics: the rate is in the units of the scores."""
+    """Loss-free bias rule applied after each optimizer step (docs/methods.md). ``quantile`` (default) needs
+    no rate and works in any score space; the rate rules (``sign`` ...) keep their paper semantics: the rate
+    is in the units of the scores."""
     bias_update_rate: float = 1e-3
     """Rate of the rate rules. For ``quantile`` only the schedule's shape matters (rate / this = share of
     the price move applied; 1 = set the price)."""
@@ -105,11 +113,12 @@ class BalanceConfig:
     raw logits are unchanged). ``auto``: ``logits`` for ``quantile``, ``scores`` for the rate rules.
     Routers with their own bias buffer (DeepSeek-V3 family) always use their own space (the checkpoint's).
     Collapsed softmax routers have ~0 probability for most experts, so in ``scores`` the bias alone orders
-    them and clusters of tokens move together; measured in the README."""
+    them and clusters of tokens move together; measured in docs/methods.md."""
     bias_schedule: str = "constant"
     """``constant``; ``step``: rate drops to 0 after ``bias_schedule_steps`` updates (DeepSeek-V3);
     ``linear``/``cosine``: decay to 0 over ``bias_schedule_steps``. The schedule starts when warm-up ends."""
     bias_schedule_steps: int = 0
+    """Bias updates until a ``step``/``linear``/``cosine`` schedule reaches 0 (must be > 0 for those)."""
     bias_warmup_steps: int = 0
     """Optimizer steps before the first bias update (loads are still measured)."""
     bias_ema: float = 0.0
@@ -117,10 +126,11 @@ class BalanceConfig:
     bias_clamp: float | None = None
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
+    """Keep the bias as it is (loads are still measured and logged)."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
-    it filters the noise of a fixed token population but lags a learning router (README, measured)."""
+    it filters the noise of a fixed token population but lags a learning router (docs/benchmarks.md)."""
     quantile_bins: int = 128
     """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
     expert_parallel_size: int = 1
@@ -133,6 +143,7 @@ class BalanceConfig:
     """``skip``: tokens with non-finite logits are excluded and counted in ``skipped_tokens``
     (warned at ``step``); ``raise``: ``step`` raises. Neither syncs in ``observe``."""
     log_per_layer: bool = False
+    """Also report every layer's metrics as ``layer<i>/<name>``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity_factors, list):
