@@ -39,8 +39,9 @@ try:
 except ImportError as e:
     print('hint:', e)
 try:
+    import os, tempfile
     from moe_balance.plot import plot_maxvio
-    plot_maxvio({'a': ([0], [1])}, '/tmp/x.png')
+    plot_maxvio({'a': ([0], [1])}, os.path.join(tempfile.mkdtemp(), 'x.png'))
 except ImportError as e:
     print('hint:', e)
 """)
