@@ -93,3 +93,16 @@ def test_machine_path_pattern():
     assert MACHINE_PATH.search("cd /" + "tmp/axo")
     assert not MACHINE_PATH.search("examples/axolotl/qwen3_moe_tiny.yml and runs/tmp/x")
     assert not MACHINE_PATH.search("tempfile.mkdtemp()")
+
+
+@pytest.mark.parametrize("option, values", [("aux_loss", "AUX_LOSSES"), ("bias_update", "BIAS_UPDATES")])
+def test_methods_tables_name_every_choice(option, values):
+    """The methods tables explain each choice in prose, so they are checked rather than generated."""
+    import moe_balance.config as config
+    text = (ROOT / "docs" / "methods.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith(f"| `{option}` |"))
+    rows = text.split(header, 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`(\w+)`", "\n".join(row.split("|")[1] for row in rows.splitlines()[2:])))
+    expected = set(getattr(config, values)) - {"none"}
+    assert expected <= named, f"docs/methods.md's `{option}` table misses {sorted(expected - named)}"
+    assert named - expected <= {"z_loss_coef"}, f"docs/methods.md names unknown {option}: {named - expected}"
