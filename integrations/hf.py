@@ -4,6 +4,10 @@ What it does, and where in the Trainer:
 
 * ``on_init_end`` (inside ``Trainer.__init__``): validates the config and patches the model's routers,
   so an unsupported model or a bad config fails at ``Trainer(...)``, not hours in;
+* the callback owns balancing for the whole run: the model's own pooled aux loss (``output_router_logits``,
+  and a TRL trainer's ``aux_loss_enabled``, which TRL sets after ``on_init_end``) is switched off there,
+  again in ``on_train_begin`` and before every step, with one warning; ``keep_model_aux_loss=True`` keeps
+  it. An explicit non-zero ``router_aux_loss_coef`` in a TRL config fails at ``Trainer(...)`` unless kept;
 * the balance loss rides on the router outputs (``attach_loss``), so ``compute_loss`` (and any
   subclass's) stays untouched;
 * ``on_step_end`` (after each optimizer step): ``balancer.step()`` (one all-reduce, bias update),
@@ -29,6 +33,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -141,6 +146,13 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             on the main process at every log, for ``python -m moe_balance plot``.
         heatmap_every: every this many logging steps, send the ``[layers, experts]`` load heatmap and the
             MaxVio curve as images to the TensorBoard / W&B reporters (``report_to``); 0 turns it off.
+        keep_model_aux_loss: keep the model's own pooled router aux loss (transformers' ``output_router_logits``,
+            TRL's ``router_aux_loss_coef``) beside this callback's balancing. Off by default: the callback
+            switches it off for the whole run (whichever trainer turns it back on) and warns once.
+        ship: at the end of training, fold the bias the generic routers still apply into their weights (see
+            ``moe_balance.export``) so that ``trainer.save_model()`` writes a model that routes, in stock
+            transformers or vLLM, as it did in training; logs ``moe_balance/export_topk_agreement``.
+        ship_batches: training batches used for that fold (half fit it, half measure the agreement).
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
 
     Resume works on every path the Trainer takes (plain, DeepSpeed, FSDP): the balancer state travels
@@ -149,7 +161,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
-                 repair_resume: bool = True, heatmap_every: int = 10, **fields: Any) -> None:
+                 repair_resume: bool = True, heatmap_every: int = 10, keep_model_aux_loss: bool = False,
+                 ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
+        if not isinstance(keep_model_aux_loss, bool):
+            raise ValueError(f"MoEBalanceCallback keep_model_aux_loss={keep_model_aux_loss!r} must be True or False")
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
         explicit.update(fields)
         self._explicit = explicit
@@ -157,6 +172,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.write_stats = write_stats
         self.repair_resume = repair_resume
         self.heatmap_every = heatmap_every
+        self.keep_model_aux_loss = keep_model_aux_loss
+        self.ship, self.ship_batches = ship, ship_batches
+        self.export_agreement: float | None = None
+        self._warned_model_aux = False
         self._images = BalanceImages(heatmap_every)
         self.balancer: Balancer | None = None
         self.restored_state: Mapping[str, Any] | None = None  # set by the Trainer's callback-state restore
@@ -168,15 +187,29 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.config = merge_config(self._explicit, read_deepspeed_entry(getattr(args, "deepspeed", None)))
         if model is None:
             raise ValueError("MoEBalanceCallback needs the Trainer's model")
+        trainer = _find_trainer()
+        _check_trl_coef(args, trainer, self.keep_model_aux_loss)
         existing = patching.patch_state_of(model)
         if existing is not None and existing.balancer.config != self.config:
             raise ValueError("moe_balance: the Trainer's model is already patched with another config; call "
                              "moe_balance.unpatch(model) first or give the callback the same config")
         if existing is not None:  # e.g. the same model handed to a second Trainer: keep its patch and state
             logger.info("moe_balance: the model was already patched with this config; the callback drives it")
-        self.balancer = patching.patch(model, self.config, attach_loss=True)
-        patching.patch_state_of(model).attach_loss = True
-        trainer = _find_trainer()
+        # The model's own aux loss is this callback's business (one warning, below), not patch()'s.
+        configs = _router_configs(model)
+        before = [getattr(c, "output_router_logits", None) for c in configs]
+        for c in configs:
+            c.output_router_logits = False
+        try:
+            self.balancer = patching.patch(model, self.config, attach_loss=True)
+        finally:
+            for c, value in zip(configs, before):
+                c.output_router_logits = value
+        patch_state = patching.patch_state_of(model)
+        patch_state.attach_loss = True
+        if configs and existing is None:  # unpatch() gives back what the model had
+            patch_state.saved_output_router_logits = before[0]
+        self._own_balancing(trainer, model, args)
         self._connect(trainer, model, args)
         if trainer is None:
             logger.warning("moe_balance: Trainer not found from the callback; metrics go to log_history only")
@@ -232,6 +265,8 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         if self.balancer is None:  # rebuilt by restore_callback_states_from_checkpoint=True: adopt the patch
             self._adopt(args, model)
         trainer = self._trainer_ref() if self._trainer_ref else None
+        # TRL's trainers write output_router_logits / aux_loss_enabled after on_init_end: switch off again
+        self._own_balancing(trainer, model if model is not None else getattr(trainer, "model", None), args)
         engine = getattr(trainer, "deepspeed", None) if trainer is not None else None
         if engine is not None:  # built by train() just before: sum over its data-parallel group, not WORLD
             from .deepspeed import data_parallel_group
@@ -251,6 +286,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 logger.warning("moe_balance: resumed at step %d but the checkpoint holds no balancer state; "
                                "the balancer starts fresh", state.global_step)
             self.restored_state = None
+        if self.config.handover_fraction > 0 and state.max_steps > 0:
+            # In balancer steps: skipped fp16 steps do not step it (resumed runs carry the offset).
+            offset = state.global_step - self.balancer.num_steps
+            self.balancer.hand_over(max(1, state.max_steps - offset))
         return control
 
     def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:
@@ -269,6 +308,38 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         return (saved or {}).get("attributes", {}).get("restored_state")
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        self._own_balancing(trainer, model if model is not None else getattr(trainer, "model", None), args)
+        return control
+
+    def _own_balancing(self, trainer: Any, model: torch.nn.Module | None, args: Any) -> None:
+        """Switch the model's own pooled aux loss off (config and TRL trainer flag); warn once.
+
+        Plain attribute reads and writes: no host sync, cheap enough for every step."""
+        if self.keep_model_aux_loss:
+            return
+        switched = []
+        for config in _router_configs(model):
+            if getattr(config, "output_router_logits", False):
+                config.output_router_logits = False
+                switched.append(f"{type(config).__name__}.output_router_logits")
+        if trainer is not None and getattr(trainer, "aux_loss_enabled", False):
+            trainer.aux_loss_enabled = False  # TRL SFT/GRPO/RLOO/DPO/KTO: no output_router_logits, no aux term
+            switched.append(f"{type(trainer).__name__}.aux_loss_enabled")
+        elif not hasattr(trainer, "aux_loss_enabled") and _trl_will_enable(args, model):
+            # SFT/DPO set aux_loss_enabled after on_init_end: say so at construction, switch off at train begin
+            switched.append(f"the aux loss TRL enables from the model's router_aux_loss_coef "
+                            f"({type(args).__name__}.router_aux_loss_coef=None)")
+        if switched and not self._warned_model_aux:
+            self._warned_model_aux = True
+            warnings.warn(
+                "moe_balance: MoEBalanceCallback owns load balancing for this run, so the model's own pooled "
+                f"router aux loss is switched off ({', '.join(dict.fromkeys(switched))}); its config "
+                f"aux_loss={self.config.aux_loss!r}, bias_update={self.config.bias_update!r} balances each layer. "
+                "To keep the model's loss as well, pass MoEBalanceCallback(keep_model_aux_loss=True) (with TRL, "
+                "also set router_aux_loss_coef in its config).", UserWarning, stacklevel=2)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self._step_skipped(optimizer):
@@ -306,6 +377,32 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(extra)
         return control
 
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        """The trained routing must survive without moe-balance: fold whatever bias the generic routers still
+        apply into their weights (nothing after a full hand-over), and log how well stock routing agrees."""
+        if not self.ship or self.balancer is None or model is None:
+            return control
+        from moe_balance import export
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        applied = [s for s in patching.patch_state_of(model).sites
+                   if s.native_owner is None and bool(self.balancer.applied_bias(s.layer).abs().max() > 0)]
+        agreement = 1.0  # no applied bias: the patched model routes exactly as stock transformers will
+        if applied and train_dataloader is not None:
+            calibration = _first_batches(train_dataloader, self.ship_batches)
+            report = export.fold_bias(model, calibration[::2] or calibration, check_batches=calibration[1::2] or None)
+            agreement = report.min_agreement if report.min_agreement is not None else float("nan")
+            logger.info("moe_balance: folded the remaining bias of %d routers into their weights (top-k agreement "
+                        "with the trained routing: %.4f)", len(report.layers), agreement)
+        elif applied:
+            logger.warning("moe_balance: no train dataloader to fold the remaining bias with; the saved model will "
+                           "not route as trained (call moe_balance.export.fold_bias)")
+            agreement = float("nan")
+        self.export_agreement = agreement
+        if trainer is not None and state.is_world_process_zero:
+            state.log_history.append({"moe_balance/export_topk_agreement": agreement, "step": state.global_step})
+            logger.info("moe_balance/export_topk_agreement = %.4f", agreement)
+        return control
+
     # ------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -326,13 +423,56 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """ExportableState: the balancer travels in ``trainer_state.json``; ``args`` rebuild this callback."""
         return {"args": {"config": self.config.to_dict(), "write_stats": self.write_stats,
-                         "repair_resume": self.repair_resume, "heatmap_every": self.heatmap_every},
+                         "repair_resume": self.repair_resume, "heatmap_every": self.heatmap_every,
+                         "keep_model_aux_loss": self.keep_model_aux_loss, "ship": self.ship,
+                         "ship_batches": self.ship_batches},
                 "attributes": {"restored_state": _to_json(self.balancer.state_dict())
                                if self.balancer is not None else None}}
 
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
         patching.unpatch(model, **kwargs)
+
+
+def _first_batches(loader: Any, n: int) -> list[dict[str, torch.Tensor]]:
+    """Up to ``n`` batches of the train dataloader, as model inputs (labels dropped)."""
+    out = []
+    for batch in loader:
+        out.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")})
+        if len(out) >= n:
+            break
+    return out
+
+
+def _router_configs(model: torch.nn.Module | None) -> list[Any]:
+    """The model config and its text config (composite models keep ``output_router_logits`` there), each once."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [c for c in ([config] if text is config else [config, text]) if hasattr(c, "output_router_logits")]
+
+
+def _trl_will_enable(args: Any, model: torch.nn.Module | None) -> bool:
+    """A TRL config (it has ``router_aux_loss_coef``) left at None takes the model's own non-zero coefficient."""
+    if not hasattr(args, "router_aux_loss_coef") or args.router_aux_loss_coef is not None:
+        return False
+    configs = _router_configs(model)
+    return bool(configs) and bool(getattr(configs[-1], "router_aux_loss_coef", 0.0))
+
+
+def _check_trl_coef(args: Any, trainer: Any, keep: bool) -> None:
+    """An explicit non-zero ``router_aux_loss_coef`` in a TRL config asks for the model's pooled aux loss:
+    together with this callback that is two balancing losses, unless ``keep_model_aux_loss=True``."""
+    coef = getattr(args, "router_aux_loss_coef", None)
+    if keep or coef is None or coef == 0:
+        return
+    owner = type(trainer).__name__ if trainer is not None else "the trainer"
+    raise ValueError(
+        f"{type(args).__name__}.router_aux_loss_coef={coef!r} turns on the model's pooled router aux loss in {owner}, "
+        "and MoEBalanceCallback balances the routers itself: both would train the routers. Either leave "
+        "router_aux_loss_coef unset (or 0.0) and let the callback balance (its aux_loss= / bias_update=), or keep "
+        "both explicitly with MoEBalanceCallback(..., keep_model_aux_loss=True).")
 
 
 def _image_targets(trainer: Any) -> list[Any]:
