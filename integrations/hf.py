@@ -149,10 +149,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         keep_model_aux_loss: keep the model's own pooled router aux loss (transformers' ``output_router_logits``,
             TRL's ``router_aux_loss_coef``) beside this callback's balancing. Off by default: the callback
             switches it off for the whole run (whichever trainer turns it back on) and warns once.
-        ship: at the end of training, fold the bias the generic routers still apply into their weights (see
-            ``moe_balance.export``) so that ``trainer.save_model()`` writes a model that routes, in stock
-            transformers or vLLM, as it did in training; logs ``moe_balance/export_topk_agreement``.
-        ship_batches: training batches used for that fold (half fit it, half measure the agreement).
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
 
     Resume works on every path the Trainer takes (plain, DeepSpeed, FSDP): the balancer state travels
@@ -162,7 +158,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
                  repair_resume: bool = True, heatmap_every: int = 10, keep_model_aux_loss: bool = False,
-                 ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
+                 **fields: Any) -> None:
         if not isinstance(keep_model_aux_loss, bool):
             raise ValueError(f"MoEBalanceCallback keep_model_aux_loss={keep_model_aux_loss!r} must be True or False")
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
@@ -173,8 +169,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.repair_resume = repair_resume
         self.heatmap_every = heatmap_every
         self.keep_model_aux_loss = keep_model_aux_loss
-        self.ship, self.ship_batches = ship, ship_batches
-        self.export_agreement: float | None = None
         self._warned_model_aux = False
         self._images = BalanceImages(heatmap_every)
         self.balancer: Balancer | None = None
@@ -286,10 +280,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 logger.warning("moe_balance: resumed at step %d but the checkpoint holds no balancer state; "
                                "the balancer starts fresh", state.global_step)
             self.restored_state = None
-        if self.config.handover_fraction > 0 and state.max_steps > 0:
-            # In balancer steps: skipped fp16 steps do not step it (resumed runs carry the offset).
-            offset = state.global_step - self.balancer.num_steps
-            self.balancer.hand_over(max(1, state.max_steps - offset))
         return control
 
     def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:
@@ -377,32 +367,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(extra)
         return control
 
-    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        """The trained routing must survive without moe-balance: fold whatever bias the generic routers still
-        apply into their weights (nothing after a full hand-over), and log how well stock routing agrees."""
-        if not self.ship or self.balancer is None or model is None:
-            return control
-        from moe_balance import export
-        trainer = self._trainer_ref() if self._trainer_ref else None
-        applied = [s for s in patching.patch_state_of(model).sites
-                   if s.native_owner is None and bool(self.balancer.applied_bias(s.layer).abs().max() > 0)]
-        agreement = 1.0  # no applied bias: the patched model routes exactly as stock transformers will
-        if applied and train_dataloader is not None:
-            calibration = _first_batches(train_dataloader, self.ship_batches)
-            report = export.fold_bias(model, calibration[::2] or calibration, check_batches=calibration[1::2] or None)
-            agreement = report.min_agreement if report.min_agreement is not None else float("nan")
-            logger.info("moe_balance: folded the remaining bias of %d routers into their weights (top-k agreement "
-                        "with the trained routing: %.4f)", len(report.layers), agreement)
-        elif applied:
-            logger.warning("moe_balance: no train dataloader to fold the remaining bias with; the saved model will "
-                           "not route as trained (call moe_balance.export.fold_bias)")
-            agreement = float("nan")
-        self.export_agreement = agreement
-        if trainer is not None and state.is_world_process_zero:
-            state.log_history.append({"moe_balance/export_topk_agreement": agreement, "step": state.global_step})
-            logger.info("moe_balance/export_topk_agreement = %.4f", agreement)
-        return control
-
     # ------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -424,24 +388,13 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         """ExportableState: the balancer travels in ``trainer_state.json``; ``args`` rebuild this callback."""
         return {"args": {"config": self.config.to_dict(), "write_stats": self.write_stats,
                          "repair_resume": self.repair_resume, "heatmap_every": self.heatmap_every,
-                         "keep_model_aux_loss": self.keep_model_aux_loss, "ship": self.ship,
-                         "ship_batches": self.ship_batches},
+                         "keep_model_aux_loss": self.keep_model_aux_loss},
                 "attributes": {"restored_state": _to_json(self.balancer.state_dict())
                                if self.balancer is not None else None}}
 
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
         patching.unpatch(model, **kwargs)
-
-
-def _first_batches(loader: Any, n: int) -> list[dict[str, torch.Tensor]]:
-    """Up to ``n`` batches of the train dataloader, as model inputs (labels dropped)."""
-    out = []
-    for batch in loader:
-        out.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")})
-        if len(out) >= n:
-            break
-    return out
 
 
 def _router_configs(model: torch.nn.Module | None) -> list[Any]:
