@@ -1,8 +1,9 @@
-"""Command line: ``python -m moe_balance {inspect,plot,architectures,docs}``."""
+"""Command line: ``python -m moe_balance {inspect,plot,architectures,docs,check-export}``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_export(args: argparse.Namespace) -> int:
+    from . import export
+    data = export.text_batches(args.saved, args.text, batches=args.batches, batch_size=args.batch_size,
+                               seq_len=args.seq_len)
+    result = export.check_export(args.saved, data)
+    print(f"{'layer':>5} {'top-k agreement':>16} {'MaxVio trained':>15} {'MaxVio stock':>13}")
+    for layer, (share, mv_t, mv_s) in enumerate(zip(result["topk_agreement_L"], result["maxvio_trained_L"],
+                                                    result["maxvio_stock_L"])):
+        print(f"{layer:>5} {share:>16.4f} {mv_t:>15.3f} {mv_s:>13.3f}")
+    print(f"loss trained {result['loss_trained']:.4f}  stock {result['loss_stock']:.4f}  "
+          f"(diff {result['loss_diff']:+.4f})  MaxVio trained {result['maxvio_trained']:.3f}  "
+          f"stock {result['maxvio_stock']:.3f}  min agreement {result['topk_agreement_min']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 1 if result["topk_agreement_min"] < args.min_agreement else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_balance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=".", help="the repository root (default: the current directory)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     p.set_defaults(func=cmd_docs)
+    p = sub.add_parser("check-export", help="does a saved folder, loaded by stock transformers, route as trained?")
+    p.add_argument("saved", help="a folder written by moe_balance.export.save_pretrained or a Trainer checkpoint")
+    p.add_argument("--text", nargs="*", help="text files to route (default: the stdlib's held-out sources)")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="exit 1 when a layer's top-k agreement is below this (default 0.99)")
+    p.add_argument("--json", help="also write the full result here")
+    p.set_defaults(func=cmd_check_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -94,6 +94,13 @@ class Balancer(nn.Module):
         for name, width in self._window_fields:
             self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
                                  persistent=True)
+        # Layers whose bias the absorption term teaches the router (patching clears it for routers with a
+        # native bias buffer: that bias ships with the checkpoint already).
+        self.register_buffer("absorb_L", torch.ones(L, dtype=torch.float32), persistent=False)
+        # Share of the bias the generic routers apply (1 = all of it); a hand-over ramps it to 0 so that the
+        # routers' own weights carry the routing when training ends (see hand_over, moe_balance.export).
+        self.register_buffer("bias_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.handover: tuple[int, int] | None = None
         self.register_buffer("quantile_range_L", torch.ones(L, dtype=torch.float64))
         self.register_buffer("last_delta_sign_LE", torch.zeros(L, E, dtype=torch.int8))
         self.register_buffer("quantile_gain_LE", torch.ones(L, E, dtype=torch.float64))
@@ -300,6 +307,11 @@ class Balancer(nn.Module):
             z = z_loss(safe_logits, weight_T)
             self.z_sum_L[layer] += z.detach().to(home, torch.float64) * counted
             total = total + cfg.z_loss_coef * z
+        if cfg.bias_absorb_coef > 0:
+            # d/dlogits = -coef * b per valid token (mean): the unbiased router moves toward the biased choice.
+            bias_E = (self.bias_LE[layer] * self.absorb_L[layer]).to(device)
+            pull_T = safe_logits.float() @ bias_E
+            total = total - cfg.bias_absorb_coef * (pull_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)
         self.loss_batches_L[layer] += counted
         return total
 
@@ -349,8 +361,38 @@ class Balancer(nn.Module):
             mean_maxvio = float(stats.maxvio(counts_LE)[active].mean())
             self.aux_coef.fill_(self._adaptive.update(mean_maxvio))
         self.num_steps += 1
+        self._update_scale()
         for callback in self.step_callbacks:
             callback(self)
+
+    def hand_over(self, total_steps: int, fraction: float | None = None) -> tuple[int, int] | None:
+        """Hand the routing over to the router weights over the last ``fraction`` of ``total_steps``
+        (default ``config.handover_fraction``): the bias the generic routers apply ramps linearly from
+        all of it to none, while the controller keeps pricing and ``bias_absorb_coef`` keeps teaching the
+        router the full price. At the end the patched model routes exactly as stock transformers will.
+        Returns the ``(start, end)`` steps, or None when the fraction is 0. Counted in ``step()`` calls."""
+        fraction = self.config.handover_fraction if fraction is None else fraction
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"Balancer.hand_over: total_steps={total_steps!r} must be a positive integer")
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"Balancer.hand_over: fraction={fraction!r} must be in [0, 1]")
+        if fraction == 0:
+            self.handover = None
+        else:
+            self.handover = (total_steps - max(1, round(fraction * total_steps)), total_steps)
+        self._update_scale()
+        return self.handover
+
+    def _update_scale(self) -> None:
+        if self.handover is None:
+            self.bias_scale.fill_(1.0)
+            return
+        start, end = self.handover
+        self.bias_scale.fill_(min(1.0, max(0.0, (end - self.num_steps) / max(1, end - start))))
+
+    def applied_bias(self, layer: int) -> torch.Tensor:
+        """The bias a generic router adds to its selection now (``bias_LE`` times the hand-over share)."""
+        return self.bias_LE[layer] * self.bias_scale
 
     def _reduce_window(self) -> dict[str, torch.Tensor]:
         parts = [getattr(self, name) for name, _ in self._window_fields]
@@ -488,6 +530,7 @@ class Balancer(nn.Module):
     # -------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "has_ema": self._has_ema, "adaptive_coef": self._adaptive.coef,
+                "handover": list(self.handover) if self.handover is not None else None,
                 "config": self.config.to_dict(), "shape": [self.num_layers, self.num_experts, self.top_k]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -506,6 +549,9 @@ class Balancer(nn.Module):
                 f"resume with BalanceConfig(bias_space={saved_space!r}) or start the bias afresh")
         self.num_steps = int(state["num_steps"])
         self._has_ema = bool(state["has_ema"])
+        handover = state.get("handover")
+        self.handover = (int(handover[0]), int(handover[1])) if handover else None
+        self._update_scale()
         if self.config.adaptive_aux:  # otherwise the configured weight wins (a resumed run may change it)
             self._adaptive.coef = float(state["adaptive_coef"])
 

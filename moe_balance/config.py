@@ -127,6 +127,16 @@ class BalanceConfig:
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
     """Keep the bias as it is (loads are still measured and logged)."""
+    bias_absorb_coef: float = 0.0
+    """Teach the router weights the bias as training goes (generic routers, bias in logit space): a
+    router-only term whose gradient on every token's logits is ``-coef * b``, so the unbiased router
+    drifts toward the biased choice and the controller's bias shrinks. What ships without moe-balance
+    (stock transformers, vLLM) is then the trained routing; see ``moe_balance.export``. 0 = off."""
+    handover_fraction: float = 0.0
+    """Share of training, at its end, over which generic routers stop applying the bias (linearly), so the
+    weights alone route at the end and the shipped model routes as trained. Integrations that know the
+    total steps apply it; plain loops call ``balancer.hand_over(total_steps)``. Pair it with
+    ``bias_absorb_coef``. 0 = off."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
@@ -169,6 +179,12 @@ class BalanceConfig:
                 f"BalanceConfig.adaptive_min_coef={self.adaptive_min_coef!r} must be <= "
                 f"adaptive_max_coef={self.adaptive_max_coef!r}")
         _number("bias_update_rate", self.bias_update_rate, low=0)
+        _number("bias_absorb_coef", self.bias_absorb_coef, low=0)
+        _number("handover_fraction", self.handover_fraction, low=0, high=1)
+        if self.bias_absorb_coef > 0 and (not self.uses_bias or not self.ranks_logits):
+            raise ValueError(f"BalanceConfig.bias_absorb_coef={self.bias_absorb_coef!r} needs a bias in logit space "
+                             f"(bias_update in {list(BIAS_UPDATES[1:])} with bias_space='logits', or 'auto' with "
+                             f"'quantile'); got bias_update={self.bias_update!r}, bias_space={self.bias_space!r}")
         _number("bias_schedule_steps", self.bias_schedule_steps, low=0, integer=True)
         if self.bias_schedule != "constant" and self.bias_schedule_steps == 0:
             raise ValueError(
@@ -212,7 +228,7 @@ class BalanceConfig:
 
     @property
     def uses_loss(self) -> bool:
-        return self.uses_aux or self.z_loss_coef > 0
+        return self.uses_aux or self.z_loss_coef > 0 or self.bias_absorb_coef > 0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

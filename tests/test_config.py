@@ -13,6 +13,8 @@ BAD_VALUES = {
     "aux_loss": ["swtich", 3],
     "aux_loss_coef": [-1.0, float("nan"), "0.1"],
     "z_loss_coef": [-1e-3, float("inf")],
+    "bias_absorb_coef": [-1e-2, float("nan")],
+    "handover_fraction": [-0.1, 1.5, "0.3"],
     "score_func": ["relu"],
     "adaptive_aux": ["yes"],
     "adaptive_target_maxvio": [-0.1],

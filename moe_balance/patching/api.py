@@ -155,6 +155,8 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
                     balancer.bias_LE[layer].copy_(native_now.float().reshape(-1))
         patch_state.sites.append(site)
     native_sites = [s for s in patch_state.sites if s.native_owner is not None]
+    for site in native_sites:
+        balancer.absorb_L[site.layer] = 0.0
     if native_sites:
         balancer.step_callbacks.append(NativeBiasSync(native_sites))
     for site in patch_state.sites:

@@ -41,6 +41,7 @@ class SelectionInterceptor(TorchFunctionMode):
         # so ids are not reused while the mode is active)
         self._sources: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, int]] = {}
         self.selections: list[torch.Tensor] = []
+        self.linear_call: tuple | None = None  # (input, weight, bias) of the linear that gave the logits
 
     @property
     def intercepted(self) -> int:
@@ -63,6 +64,9 @@ class SelectionInterceptor(TorchFunctionMode):
         if func in _LINEAR and self.logits is None and isinstance(out, torch.Tensor) \
                 and out.shape[-1] == self.num_experts:
             self.logits = out.clone() if self.clone_logits else out
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            self.linear_call = (args[0] if args else kwargs.get("input"), weight, bias)
         if self.logit_space and isinstance(out, torch.Tensor):
             self._track(func, args, kwargs, out)
         return out

@@ -94,6 +94,8 @@ class PatchState:
     recorded_forwards: dict[int, int] = field(default_factory=dict)
     recorded_window: int = -1
     warned_recompute_attach: bool = False
+    capture: Callable[..., None] | None = None
+    """Called by every router call with ``(site, indices, linear_call)`` (export; see moe_balance.export)."""
 
 
 @dataclass
@@ -257,7 +259,7 @@ class InterceptSelection:
         # A model's own bias buffer (MiniMax-M2, Ernie 4.5, ...) is already added by its code and kept in
         # sync with the master bias; adding ours on top would count it twice.
         uses_bias = site.state.balancer.config.uses_bias and site.native_owner is None
-        bias_E = site.state.balancer.bias_LE[site.layer] if uses_bias else None
+        bias_E = site.state.balancer.applied_bias(site.layer) if uses_bias else None
         mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
                                     self._mb_argmax, self._mb_clone_logits,
                                     logit_space=uses_bias and site.state.balancer.config.ranks_logits)
@@ -268,6 +270,8 @@ class InterceptSelection:
                 f"moe_balance: router {site.name} ({site.original_class.__name__}) made no top-k call over "
                 f"{site.num_experts} experts with k={site.top_k}; its routing is not supported by the generic "
                 "strategy. Register an adapter with moe_balance.register_router.")
+        if site.state.capture is not None:
+            site.state.capture(site, mode.indices, mode.linear_call)
         logits = mode.logits
         if logits is None:
             logits = next(t for t in (output if isinstance(output, tuple) else (output,))
@@ -326,6 +330,8 @@ class NativeCorrectionBias:
         site: RouterSite = self.__dict__["_mb_site"]
         output = super().forward(*args, **kwargs)
         logits, _, indices = output
+        if site.state.capture is not None:
+            site.state.capture(site, indices, None)
         return report(site, logits, indices, output)
 
 
