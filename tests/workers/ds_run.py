@@ -83,8 +83,16 @@ def main():
               "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "torch_adam": True}},
               "zero_optimization": {"stage": a.stage}, "steps_per_print": 10**9,
               "moe_balance": {"bias_update": a.rule, "bias_update_rate": a.rate, "bias_space": a.space}}
+    fp16_forced = False
     if a.fp16:
         config["fp16"] = {"enabled": True, "loss_scale": 1024}
+        from deepspeed.accelerator import get_accelerator
+        if not get_accelerator().is_fp16_supported():
+            # DeepSpeed's CPU accelerator refuses fp16 where mkldnn lacks it (AMD EPYC without AVX512-FP16),
+            # though torch computes fp16 on any CPU: lift the refusal so the real FP16 optimizer and its
+            # loss_scale still run here (slower kernels, same code path for moe_balance).
+            get_accelerator().is_fp16_supported = lambda: True
+            fp16_forced = True
     if a.no_entry:
         del config["moe_balance"]
         import warnings
@@ -134,7 +142,7 @@ def main():
     result = {"rank": rank, "world": world, "losses": losses, "steps_seen": steps_seen, "num_steps": bal.num_steps,
               "calls": bal.reducer.calls, "bias": bal.bias_LE.tolist(), "before": before, "after": after,
               "layers": bal.num_layers, "backward_scale": float(patch_state_of(model).backward_scale()),
-              "optimizer": type(engine.optimizer).__name__,
+              "optimizer": type(engine.optimizer).__name__, "fp16_forced": fp16_forced,
               "group_is_engine_dp": bal.reducer.group is not None
               and bal.reducer.group is mb_ds.data_parallel_group(engine)}
     Path(a.out).mkdir(parents=True, exist_ok=True)
