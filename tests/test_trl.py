@@ -342,7 +342,6 @@ def _grpo(tiny, callback=True, cb_fields=None, max_steps=4, **config):
     return trainer, cb, probe
 
 
-@pytest.mark.slow
 def test_grpo_default_rule_balances_counting_only_training_forwards(tiny):
     """GRPO (TRL defaults: bf16 autocast, gradient checkpointing) with a reference model (beta > 0) and
     num_iterations=2 (old log-probs from a no-grad policy forward, rollouts reused for two steps)."""
