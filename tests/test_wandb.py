@@ -90,6 +90,13 @@ def assert_images_and_scalars(root: Path, scalar: str, image_steps: int) -> list
     return rows
 
 
+def close_runs() -> None:
+    """Finish the run and shut the wandb service down: it writes the ``.wandb`` file asynchronously, and
+    after other tests in the same process a finished run's file was still only its 7-byte header."""
+    wandb.finish()
+    wandb.teardown()
+
+
 def test_hf_trainer_reports_to_wandb(tmp_path):
     from transformers import Trainer
 
@@ -102,7 +109,7 @@ def test_hf_trainer_reports_to_wandb(tmp_path):
                                 report_to=["wandb"]),
                       train_dataset=train_ds, callbacks=[MoEBalanceCallback(bias_update="sign", heatmap_every=4)])
     trainer.train()
-    wandb.finish()
+    close_runs()
     rows = assert_images_and_scalars(tmp_path, "train/moe_balance/maxvio_global", image_steps=2)
     # images ride on the reporter's own rows: logging steps 1 and 5 (every 4th logging event, first included)
     assert [row["train/global_step"] for row in rows if f"{HEATMAP_TAG}/path" in row] == [1, 5]
@@ -120,7 +127,7 @@ def test_lightning_reports_to_wandb(tmp_path):
     cb = MoEBalanceCallback(bias_update="sign", heatmap_every=2)
     trainer(tmp_path, max_steps=8, callbacks=[cb], logger=logger, log_every_n_steps=2).fit(
         CausalLM(skewed_model()), loader(n=16, bs=2))
-    wandb.finish()
+    close_runs()
     rows = assert_images_and_scalars(tmp_path, "moe_balance/maxvio_global", image_steps=2)
     assert any("moe_balance/bias_abs_max" in row for row in rows)
 
@@ -142,5 +149,6 @@ def test_accelerate_reports_to_wandb(tmp_path):
         opt.step()
         opt.zero_grad()
     acc.end_training()
+    close_runs()
     rows = assert_images_and_scalars(tmp_path, "moe_balance/maxvio_global", image_steps=2)
     assert [row["_step"] for row in rows if f"{HEATMAP_TAG}/path" in row] == [2, 6]  # logs at 2, 4, 6: every 2nd
