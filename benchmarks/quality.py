@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import moe_balance as mb
-from moe_balance import stats
+from moe_balance import export, stats
 from moe_balance.testing import batches, evaluate_heldout, skew_routers, stdlib_corpus, tiny_model
 
 # name -> (BalanceConfig fields, transformers' own router_aux_loss_coef or None)
@@ -57,6 +57,7 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
     "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
     "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
+    "quantile_ship": ({"bias_update": "quantile", "bias_absorb_coef": 1e-2, "handover_fraction": 0.3}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
                  "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
@@ -132,9 +133,11 @@ def steps_to_balance(curve: list[float], bound: float) -> int | None:
 
 def evaluate(model, balancer, val, n_batches: int) -> dict[str, float]:
     loss, m = evaluate_heldout(model, balancer, val, n_batches, seed=1234)
+    with export.as_stock(balancer):  # what stock transformers will do with the saved weights
+        stock_loss, stock = evaluate_heldout(model, balancer, val, n_batches, seed=1234)
     return {"val_loss": loss, "bpb": loss / math.log(2), "maxvio_global": m["maxvio_global"],
             "maxvio_batch": m["maxvio_batch"], "dead_experts": m["dead_experts"], "dropped@1.0": m["dropped@1"],
-            "dropped@1.25": m["dropped@1.25"]}
+            "dropped@1.25": m["dropped@1.25"], "val_loss_stock": stock_loss, "maxvio_stock": stock["maxvio_global"]}
 
 
 def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: bool) -> dict:
@@ -144,6 +147,7 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
     if frozen:  # LoRA-like: the routers do not learn, the bias is the only balancing force
         for site in mb.patching.patch_state_of(model).sites:
             site.module.requires_grad_(False)
+    balancer.hand_over(steps)  # a no-op unless the config asks for a hand-over
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, args.batch, args.seq, seed=seed)
     times, curve = [], []
@@ -183,7 +187,7 @@ def summarize(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
-        out.append({"method": name, "seeds": len(mine), **{k: _stat([r[k] for r in mine]) for k in keys}})
+        out.append({"method": name, "seeds": len(mine), **{k: _stat([r.get(k, math.nan) for r in mine]) for k in keys}})
     return out
 
 
@@ -202,6 +206,7 @@ def markdown(summary: list[dict], cols: list[tuple[str, str, int]], header: str)
 
 
 LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxvio_global", 2),
+                 ("val loss stock", "val_loss_stock", 3), ("MaxVio stock", "maxvio_stock", 2),
                  ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
                  ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
 FROZEN_COLS = [("steps to balance (frozen router)", "steps_to_balance", 0), ("step ms", "step_ms", 0)]

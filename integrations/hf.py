@@ -149,6 +149,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         keep_model_aux_loss: keep the model's own pooled router aux loss (transformers' ``output_router_logits``,
             TRL's ``router_aux_loss_coef``) beside this callback's balancing. Off by default: the callback
             switches it off for the whole run (whichever trainer turns it back on) and warns once.
+        ship: at the end of training, fold the bias the generic routers still apply into their weights (see
+            ``moe_balance.export``) so that ``trainer.save_model()`` writes a model that routes, in stock
+            transformers or vLLM, as it did in training; logs ``moe_balance/export_topk_agreement``.
+        ship_batches: training batches used for that fold (half fit it, half measure the agreement).
         **fields: ``BalanceConfig`` fields. A ``"moe_balance"`` entry in ``args.deepspeed`` is read too.
 
     Resume works on every path the Trainer takes (plain, DeepSpeed, FSDP): the balancer state travels
@@ -158,7 +162,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
                  repair_resume: bool = True, heatmap_every: int = 10, keep_model_aux_loss: bool = False,
-                 **fields: Any) -> None:
+                 ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
         if not isinstance(keep_model_aux_loss, bool):
             raise ValueError(f"MoEBalanceCallback keep_model_aux_loss={keep_model_aux_loss!r} must be True or False")
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))
@@ -169,6 +173,9 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.repair_resume = repair_resume
         self.heatmap_every = heatmap_every
         self.keep_model_aux_loss = keep_model_aux_loss
+        self.ship, self.ship_batches = ship, ship_batches
+        self.export_agreement: float | None = None
+        self.trained_bias_LE: torch.Tensor | None = None
         self._warned_model_aux = False
         self._images = BalanceImages(heatmap_every)
         self.balancer: Balancer | None = None
@@ -227,6 +234,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         original_log = trainer.log
         original_eval_loop = trainer.evaluation_loop
         original_load = trainer._load_from_checkpoint
+        original_save_model = trainer.save_model
 
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs and trainer.is_world_process_zero():
@@ -250,7 +258,17 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 repair_converted_weights(trainer.model, resume_from_checkpoint)
             return result
 
+        def save_model(output_dir: str | None = None, *args: Any, **kwargs: Any):
+            # What was folded at the end of training goes beside the weights (check-export rebuilds the
+            # trained model from it); stock loaders ignore the file.
+            result = original_save_model(output_dir, *args, **kwargs)
+            if trainer.is_world_process_zero():
+                from moe_balance.export import write_fold_record
+                write_fold_record(trainer.model, output_dir or trainer.args.output_dir)
+            return result
+
         trainer.log = log
+        trainer.save_model = save_model
         trainer.evaluation_loop = evaluation_loop
         trainer._load_from_checkpoint = load_from_checkpoint
 
@@ -280,6 +298,10 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 logger.warning("moe_balance: resumed at step %d but the checkpoint holds no balancer state; "
                                "the balancer starts fresh", state.global_step)
             self.restored_state = None
+        if self.config.handover_fraction > 0 and state.max_steps > 0:
+            # In balancer steps: skipped fp16 steps do not step it (resumed runs carry the offset).
+            offset = state.global_step - self.balancer.num_steps
+            self.balancer.hand_over(max(1, state.max_steps - offset))
         return control
 
     def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:
@@ -367,6 +389,21 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(extra)
         return control
 
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        """The trained routing must survive without moe-balance: fold whatever bias the generic routers still
+        apply into their weights (nothing after a full hand-over), and log how well stock routing agrees."""
+        if not self.ship or self.balancer is None or model is None:
+            return control
+        from moe_balance import export
+        trainer = self._trainer_ref() if self._trainer_ref else None
+        batches = _first_batches(train_dataloader, self.ship_batches) if train_dataloader is not None else None
+        self.trained_bias_LE = self.balancer.bias_LE.detach().clone()  # a fold zeroes it: keep what training made
+        agreement = export.ship(model, batches)
+        self.export_agreement = agreement
+        if trainer is not None:  # the Trainer's own log: console, log_history and the reporters
+            trainer.log({"moe_balance/export_topk_agreement": agreement})
+        return control
+
     # ------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -388,13 +425,24 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         """ExportableState: the balancer travels in ``trainer_state.json``; ``args`` rebuild this callback."""
         return {"args": {"config": self.config.to_dict(), "write_stats": self.write_stats,
                          "repair_resume": self.repair_resume, "heatmap_every": self.heatmap_every,
-                         "keep_model_aux_loss": self.keep_model_aux_loss},
+                         "keep_model_aux_loss": self.keep_model_aux_loss, "ship": self.ship,
+                         "ship_batches": self.ship_batches},
                 "attributes": {"restored_state": _to_json(self.balancer.state_dict())
                                if self.balancer is not None else None}}
 
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
         patching.unpatch(model, **kwargs)
+
+
+def _first_batches(loader: Any, n: int) -> list[Any]:
+    """Up to ``n`` batches of the train dataloader."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
 
 
 def _router_configs(model: torch.nn.Module | None) -> list[Any]:

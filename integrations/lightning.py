@@ -101,6 +101,10 @@ class MoEBalanceCallback(pl.Callback):
             (default: found automatically).
         heatmap_every: send the load heatmap and MaxVio curve to TensorBoard/W&B loggers every this many
             logging steps (``Trainer(log_every_n_steps=...)``); 0 turns it off.
+        ship: at the end of ``fit``, fold the bias the generic routers still apply into their weights
+            (``moe_balance.export``), so the saved model routes in stock transformers / vLLM as trained; the
+            top-k agreement goes to the loggers as ``moe_balance/export_topk_agreement``.
+        ship_batches: training batches used for that fold (half fit it, half measure the agreement).
         **fields: ``BalanceConfig`` fields.
 
     Tested on CPU with Lightning 2.6: one process, ``accumulate_grad_batches``, 2-rank ``strategy="ddp"``
@@ -108,8 +112,10 @@ class MoEBalanceCallback(pl.Callback):
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, model_attr: str | None = None,
-                 heatmap_every: int = 10, **fields: Any) -> None:
+                 heatmap_every: int = 10, ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
         self.config = resolve_config(config, **fields)  # validate now: errors at construction
+        self.ship, self.ship_batches = ship, ship_batches
+        self.export_agreement: float | None = None
         self.model_attr = model_attr
         self.images = BalanceImages(heatmap_every)
         self.balancer: Balancer | None = None
@@ -151,6 +157,25 @@ class MoEBalanceCallback(pl.Callback):
             self._pending_state = None
 
     # -------------------------------------------------------------- training
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        total = trainer.estimated_stepping_batches
+        if self.config.handover_fraction > 0 and isinstance(total, int) and total > 0:
+            # In balancer steps: skipped 16-mixed steps do not step it (a resumed run carries the offset).
+            self.balancer.hand_over(max(1, total - (trainer.global_step - self.balancer.num_steps)))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.ship or self.balancer is None:
+            return
+        from moe_balance import export
+        batches = []
+        for batch in trainer.train_dataloader or []:
+            batches.append(batch[0] if isinstance(batch, tuple) and len(batch) == 3 else batch)
+            if len(batches) >= self.ship_batches:
+                break
+        self.export_agreement = export.ship(self.model, batches)
+        for lg in trainer.loggers if trainer.is_global_zero else []:
+            lg.log_metrics({"moe_balance/export_topk_agreement": self.export_agreement}, step=trainer.global_step)
+
     def _scaler(self, trainer: Any) -> Any:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,56 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: 
     return report
 
 
+@contextmanager
+def as_stock(balancer: Any) -> Iterator[None]:
+    """Route as the saved model will in stock transformers: generic routers apply no bias inside the block
+    (a zero bias is bit-identical to the unpatched router); native bias buffers stay, as they ship."""
+    saved = balancer.bias_scale.clone()
+    balancer.bias_scale.zero_()
+    try:
+        yield
+    finally:
+        balancer.bias_scale.copy_(saved)
+
+
+def ship(model: torch.nn.Module, batches: Iterable[Any] | None) -> float:
+    """End of training, for the integrations: fold whatever bias the generic routers still apply (nothing
+    after a full hand-over) and return the lowest per-layer top-k agreement of the unbiased routing with
+    the trained one (1.0 when no bias is applied: the patched model then routes exactly as stock).
+    ``batches`` (a few training batches) fit the fold on one half and measure agreement on the other;
+    None where the trainer has none (NaN returned, warned)."""
+    state = patch_state_of(model)
+    balancer = state.balancer
+    applied = [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"
+               and bool(balancer.applied_bias(s.layer).abs().max() > 0)]
+    if not applied:
+        return 1.0
+    if not balancer.config.ranks_logits:
+        warnings.warn(f"moe_balance: the bias of bias_update={balancer.config.bias_update!r} is added to probabilities "
+                      "(bias_space='scores') and cannot be folded into router weights; the saved model will not "
+                      "route as trained. Use bias_space='logits' (the quantile default) to ship it",
+                      RuntimeWarning, stacklevel=2)
+        return math.nan
+    if any(is_sharded(p) for site in applied for p in site.module.parameters()):
+        warnings.warn("moe_balance: the routers are sharded (ZeRO-3 / FSDP2) and still apply a bias, which cannot be "
+                      "folded here; use handover_fraction (nothing to fold at the end), or fold the saved model: "
+                      "load it whole, patch with its moe_balance.pt, moe_balance.export.fold_bias",
+                      RuntimeWarning, stacklevel=2)
+        return math.nan
+    usable = []
+    for batch in batches or []:
+        try:
+            usable.append(_as_inputs(batch))
+        except TypeError:
+            continue
+    if not usable:
+        warnings.warn("moe_balance: no training batches to fold the remaining bias with; the saved model will not "
+                      "route as trained (call moe_balance.export.fold_bias)", RuntimeWarning, stacklevel=2)
+        return math.nan
+    report = fold_bias(model, usable[::2], check_batches=usable[1::2] or None)
+    return report.min_agreement if report.min_agreement is not None else math.nan
+
+
 def _sum_over_ranks(recorder: _Recorder, balancer: Any, sites: list[RouterSite]) -> None:
     """Every data-parallel rank folds the same delta: the moments are summed over the balancer's group
     (one all-reduce, in layer order; every rank must call fold_bias)."""
@@ -266,17 +318,26 @@ def fold_tensors(report: FoldReport) -> dict[str, torch.Tensor]:
 def save_pretrained(model: torch.nn.Module, folder: str | Path, **kwargs: Any) -> Path:
     """``model.save_pretrained(folder)`` plus ``moe_balance_fold.safetensors`` (what :func:`fold_bias` moved,
     so :func:`check_export` can rebuild the trained model). The weights are the stock model's."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     model.save_pretrained(folder, **kwargs)
+    write_fold_record(model, folder)
+    return folder
+
+
+def write_fold_record(model: torch.nn.Module, folder: str | Path) -> Path | None:
+    """Write ``moe_balance_fold.safetensors`` into ``folder`` if :func:`fold_bias` folded something."""
+    from safetensors.torch import save_file
     state = patch_state_of(model)
     report = getattr(state.balancer, "fold_report", None) if state is not None else None
-    if report is not None and report.layers:
-        meta = {"config": state.balancer.config.to_json(),
-                "layers": json.dumps({str(k): {"router": v.router, "param": v.param, "fit_r2": v.fit_r2}
-                                      for k, v in report.layers.items()})}
-        save_file(fold_tensors(report), str(folder / FOLD_FILE), metadata=meta)
-    return folder
+    if report is None or not report.layers:
+        return None
+    meta = {"config": state.balancer.config.to_json(),
+            "layers": json.dumps({str(k): {"router": v.router, "param": v.param, "fit_r2": v.fit_r2}
+                                  for k, v in report.layers.items()})}
+    path = Path(folder) / FOLD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(fold_tensors(report), str(path), metadata=meta)
+    return path
 
 
 def read_fold(folder: str | Path) -> tuple[dict[int, LayerFold], dict[str, Any]] | None:
@@ -392,5 +453,5 @@ def text_batches(folder: str | Path, files: list[str | Path] | None = None, *, b
     return list(windows.split(batch_size))
 
 
-__all__ = ["fold_bias", "text_batches", "save_pretrained", "check_export", "read_fold", "unfold", "agreement",
-           "routing_report", "FoldReport", "LayerFold", "FOLD_FILE"]
+__all__ = ["fold_bias", "ship", "as_stock", "text_batches", "save_pretrained", "write_fold_record", "check_export",
+           "read_fold", "unfold", "agreement", "routing_report", "FoldReport", "LayerFold", "FOLD_FILE"]

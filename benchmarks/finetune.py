@@ -1,0 +1,185 @@
+"""Fine-tuning benchmark: what a user ships after balancing a downloaded checkpoint.
+
+    python benchmarks/finetune.py                      # 4 seeds, every row (see docs/benchmarks.md for wall time)
+    python benchmarks/finetune.py --seeds 1 --steps 40 --methods none,quantile_ship   # smoke
+
+A tiny Qwen3-MoE (quick shape: hidden 64, 4 layers, 16 experts, top-2) is pretrained on general
+stdlib sources with a global-batch aux loss (its routers balanced by their own weights, like a
+downloaded checkpoint), saved, then fine-tuned on a narrow domain (stdlib email, http, xml, html,
+urllib; every 5th file of that domain held out). Every row starts from the same saved checkpoint and
+sees the same batches. Columns, each with the balancer on ("patched") and the saved folder loaded by
+stock transformers ("stock"): domain val loss, held-out MaxVio; per-layer top-k agreement of stock
+with patched; loss on the general held-out set (forgetting). Mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+import moe_balance as mb
+from moe_balance import export
+from moe_balance.testing import batches, stdlib_corpus, stdlib_files, tiny_model
+
+DOMAIN = ("email", "http", "xml", "html", "urllib")
+# name -> (BalanceConfig fields or None for no balancer, transformers' router_aux_loss_coef or None, fold at end)
+METHODS: dict[str, tuple[dict | None, float | None, bool]] = {
+    "none": (None, None, False),
+    "hf_aux_1e-3": (None, 1e-3, False),  # what TRL turns on by default: transformers' pooled loss
+    "global_batch_1e-2": ({"bias_update": "none", "aux_loss": "global_batch", "aux_loss_coef": 1e-2}, None, False),
+    "sign_1e-3": ({"bias_update": "sign"}, None, False),
+    "quantile": ({}, None, False),
+    "quantile_fold": ({}, None, True),
+    "quantile_absorb_fold": ({"bias_absorb_coef": 1e-2}, None, True),
+    "quantile_absorb_handover": ({"bias_absorb_coef": 1e-2, "handover_fraction": 0.3}, None, True),
+    "quantile_absorb3_handover": ({"bias_absorb_coef": 3e-2, "handover_fraction": 0.3}, None, True),
+}
+SHAPE = dict(experts=16, top_k=2, vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def domain_corpus(split: str) -> torch.Tensor:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in stdlib_files() if p.relative_to(root).parts[0] in DOMAIN]
+    chosen = [p for i, p in enumerate(files) if (i % 5 == 0) == (split == "val")]
+    blob = b"".join(p.read_bytes() for p in chosen)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long()
+
+
+def pretrained(seed: int, cache: Path, steps: int, general: torch.Tensor) -> Path:
+    """A balanced checkpoint: pretrained with a global-batch aux loss, saved like a download."""
+    folder = cache / f"pretrained_s{seed}_{steps}"
+    if (folder / "config.json").exists():
+        return folder
+    model = tiny_model("qwen3_moe", seed=seed, **SHAPE)
+    balancer = mb.patch(model, bias_update="none", aux_loss="global_batch", aux_loss_coef=1e-2, attach_loss=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stream = batches(general, 16, 64, seed=1000 + seed)
+    for _ in range(steps):
+        ids = next(stream)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step(), optimizer.zero_grad(), balancer.step()
+    mb.unpatch(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def load(folder: Path, hf_coef: float | None = None):
+    from transformers import AutoModelForCausalLM
+    extra = {"output_router_logits": True, "router_aux_loss_coef": hf_coef} if hf_coef else {}
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", **extra)
+
+
+def eval_batches(data: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    stream = batches(data, 16, 128, seed=seed)
+    return [next(stream) for _ in range(n)]
+
+
+def run_one(name: str, seed: int, args, base: Path, train, val, general_val) -> dict:
+    fields, hf_coef, fold = METHODS[name]
+    model = load(base, hf_coef)
+    # Without a balancer of its own, a measuring-only patch reads the routing (bit-identical to stock).
+    balancer = mb.patch(model, fields if fields is not None else {"bias_update": "none"}, attach_loss=True)
+    balancer.hand_over(args.steps)  # no-op unless the config asks for a hand-over
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    stream = batches(train, 16, 64, seed=seed)
+    for _ in range(args.steps):
+        ids = next(stream)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step(), optimizer.zero_grad(), balancer.step()
+    val_b, gen_b = eval_batches(val, args.eval_batches, 1234), eval_batches(general_val, args.eval_batches, 99)
+    trained = export.routing_report(model, val_b)  # the model as trained: patched, with its bias
+    row = {"method": name, "seed": seed, "steps": args.steps, "bias_abs_mean": float(balancer.bias_LE.abs().mean())}
+    if fold:
+        report = export.fold_bias(model, [next(stream) for _ in range(args.fold_batches)])
+        row["fit_r2_min"] = min(f.fit_r2 for f in report.layers.values()) if report.layers else math.nan
+    with tempfile.TemporaryDirectory() as tmp:
+        export.save_pretrained(model, tmp)
+        stock = load(Path(tmp))
+        mb.patch(stock, bias_update="none", selftest=False)
+        served = export.routing_report(stock, val_b)
+        general = export.routing_report(stock, gen_b)
+    shares = export.agreement(trained["selections"], served["selections"])
+    row.update({"val_patched": trained["loss"], "val_stock": served["loss"],
+                "maxvio_patched": statistics.mean(trained["maxvio_L"]),
+                "maxvio_stock": statistics.mean(served["maxvio_L"]),
+                "agreement_min": min(shares), "agreement_mean": statistics.mean(shares),
+                "general_stock": general["loss"]})
+    return row
+
+
+COLS = [("val loss patched", "val_patched", 4), ("val loss stock", "val_stock", 4),
+        ("MaxVio patched", "maxvio_patched", 2), ("MaxVio stock", "maxvio_stock", 2),
+        ("top-k agreement (min layer)", "agreement_min", 3), ("general loss stock", "general_stock", 4),
+        ("mean abs bias", "bias_abs_mean", 4)]
+
+
+def cell(values: list[float], digits: int) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "-"
+    sd = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+    return f"{statistics.mean(finite):.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = len({r["seed"] for r in rows})
+    lines = [f"| method ({seeds} seeds, mean ± std) | " + " | ".join(c[0] for c in COLS) + " |",
+             "|---" * (len(COLS) + 1) + "|"]
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in mine], d) for _, k, d in COLS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--fold-batches", type=int, default=16)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="finetune")
+    p.add_argument("--cache", default="runs/finetune_cache")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    general, _ = stdlib_corpus(max_bytes=2_000_000)
+    general_val, _ = stdlib_corpus(max_bytes=400_000, split="val")
+    train, val = domain_corpus("train"), domain_corpus("val")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    out, rows = Path(args.out), []
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        base = pretrained(seed, Path(args.cache), args.pretrain_steps, general)
+        for name in methods:
+            row = run_one(name, seed, args, base, train, val, general_val)
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    with open(out / f"{args.tag}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader(), writer.writerows(rows)
+    text = table(rows)
+    (out / f"{args.tag}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Shipping what was trained: absorption, hand-over and the fold (moe_balance.export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moe_balance as mb
+from moe_balance import export
+from moe_balance.testing import tiny_model
+
+
+def _ids(seed: int, n: int = 4, B: int = 4, S: int = 32, vocab: int = 256) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (B, S), generator=gen) for _ in range(n)]
+
+
+def _random_bias(balancer, scale: float, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    bias = torch.randn(balancer.bias_LE.shape, generator=gen) * scale
+    balancer.bias_LE.copy_(bias - bias.mean(-1, keepdim=True))
+
+
+def test_absorption_gradient_is_minus_coef_times_bias_per_real_token():
+    bal = mb.Balancer(num_layers=1, num_experts=4, top_k=2, bias_absorb_coef=0.5)
+    bal.bias_LE[0] = torch.tensor([0.3, -0.1, -0.4, 0.2])
+    logits = torch.randn(6, 4, requires_grad=True)
+    mask = torch.tensor([1, 1, 0, 1, 1, 0])
+    idx = (logits.detach().log_softmax(-1) + bal.bias_LE[0]).topk(2).indices
+    bal.observe(0, logits, idx, mask=mask, selection_scores=logits.detach().log_softmax(-1))
+    bal.loss().backward()
+    expected = -0.5 * bal.bias_LE[0][None, :] * mask[:, None].float() / mask.sum()
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_absorption_needs_a_bias_in_logit_space():
+    with pytest.raises(ValueError, match="bias_absorb_coef"):
+        mb.BalanceConfig(bias_update="sign", bias_absorb_coef=1e-2)  # sign adds its bias to probabilities
+    mb.BalanceConfig(bias_update="sign", bias_space="logits", bias_absorb_coef=1e-2)
+    with pytest.raises(ValueError, match="handover_fraction"):
+        mb.BalanceConfig(handover_fraction=1.5)
+
+
+def test_hand_over_ramps_the_applied_bias_and_resumes_exactly():
+    frozen = dict(bias_update="sign", bias_update_rate=0.0, handover_fraction=0.5)  # the bias itself stays
+    bal = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
+    bal.bias_LE[0] = torch.tensor([0.3, -0.1, -0.4, 0.2])
+    assert bal.hand_over(8) == (4, 8)
+    scales = []
+    for _ in range(8):
+        scales.append(float(bal.bias_scale))
+        bal.step()
+    assert scales == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]  # steps 0..7; after the 8th: 0
+    assert float(bal.bias_scale) == 0 and bool((bal.applied_bias(0) == 0).all())
+    resumed = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
+    bal2 = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
+    for _ in range(6):
+        bal2.step()
+    bal2.hand_over(8)
+    resumed.load_state_dict(bal2.state_dict())
+    assert resumed.handover == (4, 8) and float(resumed.bias_scale) == 0.5
+    with pytest.raises(ValueError, match="total_steps"):
+        bal.hand_over(0)
+
+
+def test_patched_model_after_hand_over_is_bit_identical_to_stock():
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    ids = _ids(1, n=1)[0]
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    bal = mb.patch(model, handover_fraction=1.0, bias_absorb_coef=1e-2)
+    _random_bias(bal, 2.0)
+    with torch.no_grad():
+        biased = model(input_ids=ids).logits
+    bal.hand_over(1)
+    bal.step()
+    _random_bias(bal, 2.0)  # the controller's price stays; only what is applied goes
+    with torch.no_grad():
+        handed = model(input_ids=ids).logits
+    assert not torch.equal(biased, stock)
+    assert torch.equal(handed, stock)
+    mb.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_fold_keeps_the_trained_choice_and_check_export_rebuilds_it(model_type, tmp_path):
+    model = tiny_model(model_type, vocab_size=256, experts=8)
+    bal = mb.patch(model)
+    _random_bias(bal, 0.5)
+    data = _ids(2, n=8)
+    trained = export.routing_report(model, data[4:])
+    saved_bias = bal.bias_LE.clone()
+    bal.bias_LE.zero_()
+    dropped = export.agreement(trained["selections"], export.routing_report(model, data[4:])["selections"])
+    bal.bias_LE.copy_(saved_bias)
+    report = export.fold_bias(model, data[:4], check_batches=data[4:])
+    assert set(report.layers) == {0, 1} and bool((bal.bias_LE == 0).all())
+    assert all(f.direction_D is not None for f in report.layers.values())
+    # random inputs hold little of a constant (fit R^2 ~0.3; trained router inputs 0.96+), still the fold
+    # keeps more of the trained choice than dropping the bias does
+    assert all(f > d + 0.05 for f, d in zip(report.agreement_L, dropped)), (report.agreement_L, dropped)
+    export.save_pretrained(model, tmp_path)
+    assert (tmp_path / export.FOLD_FILE).exists()
+    mb.unpatch(model)
+    check = export.check_export(tmp_path, data[4:])
+    # rebuilt from the folder: the trained routing and loss come back (up to float rounding)
+    assert abs(check["loss_trained"] - trained["loss"]) < 1e-4
+    assert check["topk_agreement_L"] == pytest.approx(report.agreement_L, abs=0.02)
+
+
+def test_fold_into_a_router_bias_is_exact():
+    model = tiny_model("gpt_oss", vocab_size=256, experts=8)
+    bal = mb.patch(model)
+    _random_bias(bal, 1.0)
+    data = _ids(3, n=4)
+    report = export.fold_bias(model, data[:2], check_batches=data[2:])
+    assert all(f.direction_D is None and f.param.endswith("router.bias") for f in report.layers.values())
+    assert report.agreement_L == [1.0, 1.0]
+
+
+def test_fold_refuses_unpatched_and_probability_space_models():
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    with pytest.raises(ValueError, match="not patched"):
+        export.fold_bias(model, _ids(0, n=1))
+    mb.patch(model, bias_update="sign")
+    with pytest.raises(ValueError, match="bias_space"):
+        export.fold_bias(model, _ids(0, n=1))
+    mb.unpatch(model)
+
+
+STOCK_EVAL = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    folder, data = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    counts = {}
+    def hook(name):
+        def record(module, args, output):
+            idx = output[-1] if isinstance(output, tuple) else output
+            counts[name] = counts.get(name, 0) + torch.bincount(idx.reshape(-1), minlength=module.num_experts)
+        return record
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.num_experts = module.weight.shape[0]
+            module.register_forward_hook(hook(name))
+    losses = []
+    with torch.no_grad():
+        for ids in data:
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    maxvio = [float(c.max() / c.float().mean() - 1) for c in counts.values()]
+    print(json.dumps({"loss": sum(losses) / len(losses), "maxvio": sum(maxvio) / len(maxvio),
+                      "imported": "moe_balance" in sys.modules}))
+""")
+
+
+def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(tmp_path):
+    """Train a skewed generic-router model with the callback's default config plus a hand-over, save it
+    with trainer.save_model, load it in a fresh process that never imports moe_balance."""
+    from transformers import Trainer, TrainingArguments
+
+    from moe_balance.integrations.hf import MoEBalanceCallback
+    from moe_balance.testing import ByteWindows, skew_routers, stdlib_corpus
+
+    train, _ = stdlib_corpus(max_bytes=300_000)
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
+    callback = MoEBalanceCallback(bias_absorb_coef=3e-2, handover_fraction=0.3, heatmap_every=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=8,
+                             learning_rate=1e-3, logging_steps=20, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 512), callbacks=[callback])
+    trainer.train()
+    assert callback.export_agreement == 1.0
+    assert any("moe_balance/export_topk_agreement" in row for row in trainer.state.log_history)
+    data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
+    trained = export.routing_report(model, data)
+    trainer.save_model(str(tmp_path / "saved"))
+    torch.save(data, tmp_path / "data.pt")
+    out = subprocess.run([sys.executable, "-c", STOCK_EVAL, str(tmp_path / "saved"), str(tmp_path / "data.pt")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    stock = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stock["imported"] is False
+    trained_maxvio = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
+    assert abs(stock["loss"] - trained["loss"]) < 1e-4
+    assert abs(stock["maxvio"] - trained_maxvio) < 1e-3 + 0.01 * trained_maxvio
+
+
+def test_lightning_hand_over_ships_the_trained_routing(tmp_path):
+    """Lightning: the hand-over spans the last share of estimated_stepping_batches; at the end the patched
+    model applies no bias, so what is saved is what was trained."""
+    from moe_balance.integrations.lightning import MoEBalanceCallback
+    from tests.lightning_helpers import CausalLM, loader, skewed_model, trainer
+
+    model = skewed_model()
+    callback = MoEBalanceCallback(bias_absorb_coef=3e-2, handover_fraction=0.5, heatmap_every=0)
+    trainer(tmp_path, max_steps=12, callbacks=[callback]).fit(CausalLM(model), loader(n=96))
+    assert callback.balancer.handover == (6, 12) and float(callback.balancer.bias_scale) == 0.0
+    assert callback.balancer.bias_LE.abs().max() > 0  # the controller still prices; nothing is applied
+    assert callback.export_agreement == 1.0
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
+    """Default config (no hand-over): the callback folds the applied bias at on_train_end, logs the agreement,
+    and save_model writes the fold record; check-export rebuilds the trained model from the folder."""
+    from transformers import Trainer, TrainingArguments
+
+    from moe_balance.integrations.hf import MoEBalanceCallback
+    from moe_balance.testing import ByteWindows, skew_routers, stdlib_corpus
+
+    train, _ = stdlib_corpus(max_bytes=300_000)
+    model = tiny_model(model_type, vocab_size=256, experts=8)
+    skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
+    callback = MoEBalanceCallback(heatmap_every=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=20, per_device_train_batch_size=8,
+                             learning_rate=1e-3, logging_steps=10, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 256), callbacks=[callback])
+    trainer.train()
+    bias_before = callback.balancer.fold_report.layers[0].bias_E
+    assert bias_before.abs().max() > 0 and bool((callback.balancer.bias_LE == 0).all())
+    logged = [row["moe_balance/export_topk_agreement"] for row in trainer.state.log_history
+              if "moe_balance/export_topk_agreement" in row]
+    assert logged == [callback.export_agreement] and 0.5 < callback.export_agreement <= 1.0
+    if model_type == "gpt_oss":  # a router with a linear bias takes the fold exactly (its first layer agrees
+        # fully; later layers see inputs changed by the gate weights the fold shifts)
+        assert all(f.direction_D is None for f in callback.balancer.fold_report.layers.values())
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / export.FOLD_FILE).exists()
+    data = [train[200_000 + i * 2048:200_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
+    shipped = export.routing_report(model, data)  # the patched model after the fold applies no bias
+    check = export.check_export(tmp_path / "saved", data)
+    assert abs(check["loss_stock"] - shipped["loss"]) < 1e-5
+    assert check["topk_agreement_min"] > 0.5
