@@ -37,11 +37,14 @@ METHODS: dict[str, tuple[dict | None, float | None, bool]] = {
     "hf_aux_1e-3": (None, 1e-3, False),  # what TRL turns on by default: transformers' pooled loss
     "global_batch_1e-2": ({"bias_update": "none", "aux_loss": "global_batch", "aux_loss_coef": 1e-2}, None, False),
     "sign_1e-3": ({"bias_update": "sign"}, None, False),
-    "quantile": ({}, None, False),
-    "quantile_fold": ({}, None, True),
-    "quantile_absorb_fold": ({"bias_absorb_coef": 1e-2}, None, True),
-    "quantile_absorb_handover": ({"bias_absorb_coef": 1e-2, "handover_fraction": 0.3}, None, True),
-    "quantile_absorb3_handover": ({"bias_absorb_coef": 3e-2, "handover_fraction": 0.3}, None, True),
+    "quantile_no_ship": ({"bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None, False),
+    "quantile_fold": ({"bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None, True),
+    "quantile_absorb_fold": ({"handover_fraction": 0.0}, None, True),
+    "default": ({}, None, True),  # quantile, absorption 1e-3, hand-over over the last 30%
+    "default_absorb_1e-2": ({"bias_absorb_coef": 1e-2}, None, True),
+    # LoRA-like: routers frozen during the fine-tune, the bias is the only force; the fold ships it
+    "frozen_none": (None, None, False),
+    "frozen_quantile_fold": ({}, None, True),
 }
 SHAPE = dict(experts=16, top_k=2, vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -89,8 +92,11 @@ def run_one(name: str, seed: int, args, base: Path, train, val, general_val) -> 
     model = load(base, hf_coef)
     # Without a balancer of its own, a measuring-only patch reads the routing (bit-identical to stock).
     balancer = mb.patch(model, fields if fields is not None else {"bias_update": "none"}, attach_loss=True)
-    balancer.hand_over(args.steps)  # no-op unless the config asks for a hand-over
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if name.startswith("frozen"):
+        for site in mb.patching.patch_state_of(model).sites:
+            site.module.requires_grad_(False)
+    export.plan_handover(model, args.steps)  # no-op unless the config asks for a hand-over
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, 16, 64, seed=seed)
     for _ in range(args.steps):
         ids = next(stream)

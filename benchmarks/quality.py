@@ -57,7 +57,8 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
     "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
     "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
-    "quantile_ship": ({"bias_update": "quantile", "bias_absorb_coef": 1e-2, "handover_fraction": 0.3}, None),
+    "quantile_no_ship": ({"bias_update": "quantile", "bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None),
+    "quantile_absorb_1e-2": ({"bias_update": "quantile", "bias_absorb_coef": 1e-2}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
                  "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
@@ -147,7 +148,7 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
     if frozen:  # LoRA-like: the routers do not learn, the bias is the only balancing force
         for site in mb.patching.patch_state_of(model).sites:
             site.module.requires_grad_(False)
-    balancer.hand_over(steps)  # a no-op unless the config asks for a hand-over
+    export.plan_handover(model, steps)  # what the integrations do: a no-op without absorption or a hand-over
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, args.batch, args.seq, seed=seed)
     times, curve = [], []

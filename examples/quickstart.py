@@ -7,8 +7,9 @@ A tiny Mixtral (4 layers, 16 experts, top-2) is built from a config and its rout
 towards a few experts, the way a collapsed router looks. It then trains on the standard
 library's own ``.py`` files (byte-level, no downloads) with the default rule, Quantile Balancing
 (``--rule sign --rate 1e-3`` for the Loss-Free paper's sign rule). Live line:
-LM loss and MaxVio of the current step; at the end a before/after table on held-out files and a
-layer x expert heatmap (``OUT/heatmap.png``) plus the run plot (``OUT/balance.png``).
+LM loss and MaxVio of the current step; at the end a before/after table on held-out files (also as the
+saved model routes in stock transformers), the saved model (``OUT/model``), a layer x expert heatmap
+(``OUT/heatmap.png``) and the run plot (``OUT/balance.png``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
     model = tiny_model("mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        experts=16, top_k=2)
     skew_routers(model, next(batches(train, 8, 64, seed=9)), strength=3.0)
-    balancer = mb.patch(model, mb.BalanceConfig(bias_update=args.rule, bias_update_rate=args.rate))
+    balancer = mb.patch(model, mb.BalanceConfig(bias_update=args.rule, bias_update_rate=args.rate), attach_loss=True)
+    # Hand the routing over to the router weights over the last 30% of steps (the default rule absorbs the bias
+    # into them as it goes): the model saved at the end routes in stock transformers / vLLM as it did here.
+    mb.export.plan_handover(model, args.steps)
     before, loads_before = evaluate(model, balancer, val)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -73,10 +77,15 @@ def main(argv=None) -> int:
               f"|bias| max {metrics['bias_abs_max']:.3f}  {time.time() - start:.0f}s", end="", flush=True)
     print()
 
+    mb.export.ship(model, [next(stream) for _ in range(8)])  # folds what is still applied (nothing after a hand-over)
     after, loads_after = evaluate(model, balancer, val)
-    print(f"\n{'held-out (8x16x128 bytes)':<26}{'before':>10}{'after':>10}")
+    with mb.export.as_stock(balancer):  # what stock transformers does with the saved weights
+        stock, _ = evaluate(model, balancer, val)
+    print(f"\n{'held-out (8x16x128 bytes)':<26}{'before':>10}{'after':>10}{'saved, stock':>14}")
     for key in before:
-        print(f"{key:<26}{before[key]:>10.3f}{after[key]:>10.3f}")
+        print(f"{key:<26}{before[key]:>10.3f}{after[key]:>10.3f}{stock[key]:>14.3f}")
+    mb.export.save_pretrained(model, out / "model")
+    print(f"\nsaved: {out / 'model'} (check it: python -m moe_balance check-export {out / 'model'})")
     try:
         from moe_balance.plot import plot_load_heatmap, plot_run
         heatmap = plot_load_heatmap(loads_before, loads_after, out / "heatmap.png",

@@ -300,8 +300,9 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             self.restored_state = None
         if self.config.handover_fraction > 0 and state.max_steps > 0:
             # In balancer steps: skipped fp16 steps do not step it (resumed runs carry the offset).
+            from moe_balance.export import plan_handover
             offset = state.global_step - self.balancer.num_steps
-            self.balancer.hand_over(max(1, state.max_steps - offset))
+            plan_handover(model if model is not None else trainer.model, max(1, state.max_steps - offset))
         return control
 
     def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:

@@ -161,7 +161,8 @@ class MoEBalanceCallback(pl.Callback):
         total = trainer.estimated_stepping_batches
         if self.config.handover_fraction > 0 and isinstance(total, int) and total > 0:
             # In balancer steps: skipped 16-mixed steps do not step it (a resumed run carries the offset).
-            self.balancer.hand_over(max(1, total - (trainer.global_step - self.balancer.num_steps)))
+            from moe_balance.export import plan_handover
+            plan_handover(self.model, max(1, total - (trainer.global_step - self.balancer.num_steps)))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.ship or self.balancer is None:

@@ -307,11 +307,11 @@ class Balancer(nn.Module):
             z = z_loss(safe_logits, weight_T)
             self.z_sum_L[layer] += z.detach().to(home, torch.float64) * counted
             total = total + cfg.z_loss_coef * z
-        if cfg.bias_absorb_coef > 0:
+        if cfg.absorb_coef > 0:
             # d/dlogits = -coef * b per valid token (mean): the unbiased router moves toward the biased choice.
             bias_E = (self.bias_LE[layer] * self.absorb_L[layer]).to(device)
             pull_T = safe_logits.float() @ bias_E
-            total = total - cfg.bias_absorb_coef * (pull_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)
+            total = total - cfg.absorb_coef * (pull_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)
         self.loss_batches_L[layer] += counted
         return total
 

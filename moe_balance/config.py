@@ -127,16 +127,18 @@ class BalanceConfig:
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
     """Keep the bias as it is (loads are still measured and logged)."""
-    bias_absorb_coef: float = 0.0
+    bias_absorb_coef: float | None = None
     """Teach the router weights the bias as training goes (generic routers, bias in logit space): a
     router-only term whose gradient on every token's logits is ``-coef * b``, so the unbiased router
     drifts toward the biased choice and the controller's bias shrinks. What ships without moe-balance
-    (stock transformers, vLLM) is then the trained routing; see ``moe_balance.export``. 0 = off."""
-    handover_fraction: float = 0.0
-    """Share of training, at its end, over which generic routers stop applying the bias (linearly), so the
-    weights alone route at the end and the shipped model routes as trained. Integrations that know the
-    total steps apply it; plain loops call ``balancer.hand_over(total_steps)``. Pair it with
-    ``bias_absorb_coef``. 0 = off."""
+    (stock transformers, vLLM) is then the trained routing (docs/serving.md). None = auto: 1e-3 when the
+    bias is in logit space (the quantile default), else 0; 0 = off. Larger pulls (1e-2) ship a fine-tune
+    as well but cost a collapsed router up to 0.3 nats (docs/serving.md, measured)."""
+    handover_fraction: float = 0.3
+    """Share of training, at its end, over which generic routers stop applying the bias (linearly) while
+    absorption goes on, so the weights alone route at the end and the saved model routes as trained.
+    Integrations that know the total steps (HF Trainer, Lightning) apply it; plain loops call
+    ``balancer.hand_over(total_steps)``. Skipped for frozen routers (LoRA). 0 = off."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
@@ -179,9 +181,10 @@ class BalanceConfig:
                 f"BalanceConfig.adaptive_min_coef={self.adaptive_min_coef!r} must be <= "
                 f"adaptive_max_coef={self.adaptive_max_coef!r}")
         _number("bias_update_rate", self.bias_update_rate, low=0)
-        _number("bias_absorb_coef", self.bias_absorb_coef, low=0)
+        if self.bias_absorb_coef is not None:
+            _number("bias_absorb_coef", self.bias_absorb_coef, low=0)
         _number("handover_fraction", self.handover_fraction, low=0, high=1)
-        if self.bias_absorb_coef > 0 and (not self.uses_bias or not self.ranks_logits):
+        if (self.bias_absorb_coef or 0) > 0 and (not self.uses_bias or not self.ranks_logits):
             raise ValueError(f"BalanceConfig.bias_absorb_coef={self.bias_absorb_coef!r} needs a bias in logit space "
                              f"(bias_update in {list(BIAS_UPDATES[1:])} with bias_space='logits', or 'auto' with "
                              f"'quantile'); got bias_update={self.bias_update!r}, bias_space={self.bias_space!r}")
@@ -227,8 +230,15 @@ class BalanceConfig:
         return self.aux_loss != "none"
 
     @property
+    def absorb_coef(self) -> float:
+        """``bias_absorb_coef`` resolved (None: 1e-3 with a bias in logit space, else 0)."""
+        if self.bias_absorb_coef is not None:
+            return self.bias_absorb_coef
+        return 1e-3 if self.uses_bias and self.ranks_logits else 0.0
+
+    @property
     def uses_loss(self) -> bool:
-        return self.uses_aux or self.z_loss_coef > 0 or self.bias_absorb_coef > 0
+        return self.uses_aux or self.z_loss_coef > 0 or self.absorb_coef > 0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

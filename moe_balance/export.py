@@ -243,6 +243,25 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: 
     return report
 
 
+def plan_handover(model: torch.nn.Module, total_steps: int) -> tuple[int, int] | None:
+    """Start the configured hand-over over ``total_steps`` (integrations call this at train begin). Not with
+    absorption off (nothing would carry the routing once the bias is gone), nor where the generic routers
+    cannot learn: frozen routers (LoRA, ``requires_grad=False``) keep the bias to the
+    end and the fold at the end ships it instead (warned once)."""
+    state = patch_state_of(model)
+    balancer = state.balancer
+    if balancer.config.handover_fraction == 0 or balancer.config.absorb_coef == 0:
+        return None  # without absorption nothing would carry the routing once the bias is gone
+    generic = [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"]
+    frozen = [s.name for s in generic if not any(p.requires_grad for p in s.module.parameters())]
+    if frozen:
+        warnings.warn(f"moe_balance: {len(frozen)} routers are frozen (e.g. {frozen[0]}): they cannot learn the bias, "
+                      "so there is no hand-over; the bias is folded into their weights at the end instead",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return balancer.hand_over(total_steps)
+
+
 @contextmanager
 def as_stock(balancer: Any) -> Iterator[None]:
     """Route as the saved model will in stock transformers: generic routers apply no bias inside the block
@@ -453,5 +472,6 @@ def text_batches(folder: str | Path, files: list[str | Path] | None = None, *, b
     return list(windows.split(batch_size))
 
 
-__all__ = ["fold_bias", "ship", "as_stock", "text_batches", "save_pretrained", "write_fold_record", "check_export",
-           "read_fold", "unfold", "agreement", "routing_report", "FoldReport", "LayerFold", "FOLD_FILE"]
+__all__ = ["fold_bias", "ship", "as_stock", "plan_handover", "text_batches", "save_pretrained", "write_fold_record",
+           "check_export", "read_fold", "unfold", "agreement", "routing_report", "FoldReport", "LayerFold",
+           "FOLD_FILE"]

@@ -10,8 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models gain nothing from a second intra-op thread, and on a 2-core machine a spinning OpenMP pool in
+# this process slows the torchrun workers it waits for (a 4-step TRL run: 19 s with two threads on a busy
+# machine, 0.7 s with one). Workers get OMP_NUM_THREADS=1 (run_torchrun); this process gets one thread too.
+torch.set_num_threads(1)
 
 
 def free_port() -> int:

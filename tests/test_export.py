@@ -207,7 +207,7 @@ def test_lightning_hand_over_ships_the_trained_routing(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
-    """Default config (no hand-over): the callback folds the applied bias at on_train_end, logs the agreement,
+    """Without a hand-over the callback folds the applied bias at on_train_end, logs the agreement,
     and save_model writes the fold record; check-export rebuilds the trained model from the folder."""
     from transformers import Trainer, TrainingArguments
 
@@ -217,7 +217,7 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     train, _ = stdlib_corpus(max_bytes=300_000)
     model = tiny_model(model_type, vocab_size=256, experts=8)
     skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
-    callback = MoEBalanceCallback(heatmap_every=0)
+    callback = MoEBalanceCallback(handover_fraction=0.0, heatmap_every=0)  # no hand-over: the fold ships the bias
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=20, per_device_train_batch_size=8,
                              learning_rate=1e-3, logging_steps=10, report_to=[], use_cpu=True, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 256), callbacks=[callback])
@@ -237,3 +237,19 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     check = export.check_export(tmp_path / "saved", data)
     assert abs(check["loss_stock"] - shipped["loss"]) < 1e-5
     assert check["topk_agreement_min"] > 0.5
+
+
+def test_plan_handover_skips_frozen_routers_and_rules_without_absorption():
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    bal = mb.patch(model)  # defaults: quantile in logit space, absorption 1e-3, hand-over over the last 30%
+    assert bal.config.absorb_coef == 1e-3 and export.plan_handover(model, 100) == (70, 100)
+    for site in mb.patching.patch_state_of(model).sites:
+        site.module.requires_grad_(False)  # LoRA: the routers cannot learn the bias
+    bal.hand_over(100, 0.0)
+    with pytest.warns(RuntimeWarning, match="frozen"):
+        assert export.plan_handover(model, 100) is None
+    assert bal.handover is None and float(bal.bias_scale) == 1.0
+    mb.unpatch(model)
+    bal = mb.patch(model, bias_update="sign")  # a bias on probabilities: no absorption, so no hand-over
+    assert bal.config.absorb_coef == 0 and export.plan_handover(model, 100) is None
+    mb.unpatch(model)
