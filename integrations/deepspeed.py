@@ -27,8 +27,11 @@ Without a ``"moe_balance"`` entry, ``initialize`` warns and behaves exactly like
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
@@ -67,7 +70,20 @@ def initialize(*args: Any, **kwargs: Any):
     result = deepspeed.initialize(*args, **kwargs)
     engine = result[0]
     attach_engine(engine, model, balancer)
+    total = _total_steps(config)
+    if total:  # the scheduler knows the run's length: hand the routing over to the router weights before it ends
+        from moe_balance.export import plan_handover
+        plan_handover(model, total)
     return result
+
+
+def _total_steps(config: Any) -> int | None:
+    """``scheduler.params.total_num_steps`` of a DeepSpeed config (WarmupDecayLR, WarmupCosineLR), if any."""
+    if isinstance(config, (str, os.PathLike)):
+        config = json.loads(Path(config).read_text())
+    params = ((config or {}).get("scheduler") or {}).get("params") or {} if isinstance(config, dict) else {}
+    total = params.get("total_num_steps")
+    return int(total) if isinstance(total, (int, float)) and total > 0 else None
 
 
 def data_parallel_group(engine: Any) -> Any:

@@ -344,18 +344,23 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, **kwargs: Any) -
 
 
 def write_fold_record(model: torch.nn.Module, folder: str | Path) -> Path | None:
-    """Write ``moe_balance_fold.safetensors`` into ``folder`` if :func:`fold_bias` folded something."""
+    """Write ``moe_balance_fold.safetensors`` into ``folder`` for a patched model: what :func:`fold_bias` folded
+    (nothing after a full hand-over: the trained model then applied no bias and is the saved one)."""
     from safetensors.torch import save_file
     state = patch_state_of(model)
-    report = getattr(state.balancer, "fold_report", None) if state is not None else None
-    if report is None or not report.layers:
+    if state is None:
         return None
+    report = getattr(state.balancer, "fold_report", None) or FoldReport()
+    if not report.layers and float(state.balancer.bias_scale) != 0 and bool(state.balancer.bias_LE.abs().max() > 0) \
+            and any(s.native_owner is None for s in state.sites):
+        return None  # a bias is still applied and was not folded: no record claims this folder is what trained
     meta = {"config": state.balancer.config.to_json(),
             "layers": json.dumps({str(k): {"router": v.router, "param": v.param, "fit_r2": v.fit_r2}
                                   for k, v in report.layers.items()})}
     path = Path(folder) / FOLD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(fold_tensors(report), str(path), metadata=meta)
+    tensors = fold_tensors(report) or {"none": torch.zeros(0)}  # safetensors wants at least one tensor
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 

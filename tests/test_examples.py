@@ -28,6 +28,9 @@ def test_quickstart_prints_table_and_writes_pictures(tmp_path):
     assert "MaxVio" in out and "before" in out and "after" in out
     assert (tmp_path / "q" / "heatmap.png").stat().st_size > 10_000
     assert (tmp_path / "q" / "balance.png").stat().st_size > 10_000
+    # the saved model, loaded by stock transformers, routes as the trained one (the hand-over ended at step 30)
+    check = run("-m", "moe_balance", "check-export", str(tmp_path / "q" / "model"), "--batches", "2", cwd=tmp_path)
+    assert "min agreement 1.0000" in check and "(diff +0.0000)" in check
 
 
 def test_hf_trainer_example_and_plot_command(tmp_path):
