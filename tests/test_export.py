@@ -146,9 +146,10 @@ STOCK_EVAL = textwrap.dedent("""
             counts[name] = counts.get(name, 0) + torch.bincount(idx.reshape(-1), minlength=module.num_experts)
         return record
     for name, module in model.named_modules():
-        if type(module).__name__.endswith("TopKRouter"):
+        if type(module).__name__.endswith(("TopKRouter", "Router")) and hasattr(module, "weight"):
             module.num_experts = module.weight.shape[0]
             module.register_forward_hook(hook(name))
+    assert counts == {} and any(True for _ in model.parameters())
     losses = []
     with torch.no_grad():
         for ids in data:
@@ -159,18 +160,31 @@ STOCK_EVAL = textwrap.dedent("""
 """)
 
 
-def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(tmp_path):
-    """Train a skewed generic-router model with the callback's default config plus a hand-over, save it
-    with trainer.save_model, load it in a fresh process that never imports moe_balance."""
+def _stock_eval(folder, data, tmp_path) -> dict:
+    """Loss and mean MaxVio of ``folder`` loaded by stock transformers in a fresh process without moe_balance."""
+    torch.save(data, tmp_path / "data.pt")
+    out = subprocess.run([sys.executable, "-c", STOCK_EVAL, str(folder), str(tmp_path / "data.pt")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    stock = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stock["imported"] is False
+    return stock
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(model_type, tmp_path):
+    """Train a skewed generic-router model with the callback's default config, save it with
+    trainer.save_model, load it in a fresh process that never imports moe_balance."""
     from transformers import Trainer, TrainingArguments
 
     from moe_balance.integrations.hf import MoEBalanceCallback
     from moe_balance.testing import ByteWindows, skew_routers, stdlib_corpus
 
     train, _ = stdlib_corpus(max_bytes=300_000)
-    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    model = tiny_model(model_type, vocab_size=256, experts=8)
     skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
-    callback = MoEBalanceCallback(bias_absorb_coef=3e-2, handover_fraction=0.3, heatmap_every=0)
+    callback = MoEBalanceCallback(heatmap_every=0)  # defaults: absorption, hand-over over the last 30%
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=8,
                              learning_rate=1e-3, logging_steps=20, report_to=[], use_cpu=True, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 512), callbacks=[callback])
@@ -180,12 +194,7 @@ def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(tmp_
     data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
     trained = export.routing_report(model, data)
     trainer.save_model(str(tmp_path / "saved"))
-    torch.save(data, tmp_path / "data.pt")
-    out = subprocess.run([sys.executable, "-c", STOCK_EVAL, str(tmp_path / "saved"), str(tmp_path / "data.pt")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr[-2000:]
-    stock = json.loads(out.stdout.strip().splitlines()[-1])
-    assert stock["imported"] is False
+    stock = _stock_eval(tmp_path / "saved", data, tmp_path)
     trained_maxvio = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
     assert abs(stock["loss"] - trained["loss"]) < 1e-4
     assert abs(stock["maxvio"] - trained_maxvio) < 1e-3 + 0.01 * trained_maxvio
@@ -262,3 +271,54 @@ def test_deepspeed_entry_reads_the_run_length_from_its_scheduler(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(config))
     assert _total_steps(str(tmp_path / "ds.json")) == 500
     assert _total_steps({"train_batch_size": 8}) is None and _total_steps(None) is None
+
+
+def test_plain_loop_ships_with_the_explicit_calls(tmp_path):
+    """A plain loop: plan_handover before, ship and save_pretrained after; stock transformers in a fresh
+    process routes the saved folder exactly as the trained model."""
+    from moe_balance.testing import batches, skew_routers, stdlib_corpus
+
+    train, _ = stdlib_corpus(max_bytes=300_000)
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
+    balancer = mb.patch(model, attach_loss=True)
+    assert export.plan_handover(model, 30) == (21, 30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stream = batches(train, 8, 64, seed=0)
+    for _ in range(30):
+        ids = next(stream)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step(), optimizer.zero_grad(), balancer.step()
+    assert export.ship(model, [next(stream) for _ in range(4)]) == 1.0  # nothing left to fold
+    data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
+    trained = export.routing_report(model, data)
+    export.save_pretrained(model, tmp_path / "saved")
+    stock = _stock_eval(tmp_path / "saved", data, tmp_path)
+    assert abs(stock["loss"] - trained["loss"]) < 1e-4
+    assert abs(stock["maxvio"] - sum(trained["maxvio_L"]) / len(trained["maxvio_L"])) < 1e-3
+    check = export.check_export(tmp_path / "saved", data)
+    assert check["topk_agreement_L"] == [1.0, 1.0] and abs(check["loss_diff"]) < 1e-5
+
+
+def test_native_bias_ships_bit_exact(tmp_path):
+    """DeepSeek-V3's router owns e_score_correction_bias: the trained bias is in the saved checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("deepseek_v3", vocab_size=256, experts=8)
+    balancer = mb.patch(model, attach_loss=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for ids in _ids(5, n=4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step(), optimizer.zero_grad(), balancer.step()
+    assert balancer.bias_LE.abs().max() > 0
+    data = _ids(6, n=2)
+    trained = export.routing_report(model, data)
+    export.save_pretrained(model, tmp_path / "saved")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    buffers = [b for n, b in stock.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert len(buffers) == balancer.num_layers
+    for layer, buf in enumerate(buffers):
+        assert torch.equal(buf, balancer.bias_LE[layer].to(buf.dtype))
+    check = export.check_export(tmp_path / "saved", data)
+    assert check["topk_agreement_L"] == [1.0] * balancer.num_layers
+    assert check["loss_stock"] == pytest.approx(trained["loss"], abs=1e-6)
