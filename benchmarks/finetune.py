@@ -148,6 +148,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABELS = {"none": "none", "hf_aux_1e-3": "HF aux 1e-3", "global_batch_1e-2": "global-batch aux",
+          "sign_1e-3": "sign, bias dropped", "quantile_no_ship": "quantile, bias dropped",
+          "quantile_fold": "quantile + fold", "default": "default (hand-over)",
+          "default_absorb_1e-2": "hand-over, absorb 1e-2", "frozen_none": "frozen router",
+          "frozen_quantile_fold": "frozen + fold"}
+
+
+def figure(rows: list[dict], path: Path) -> Path:
+    """MaxVio while training (patched) and as served (stock) per method, mean ± std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in dict.fromkeys(r["method"] for r in rows)]
+    stats = {}
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        stats[name] = [(statistics.mean(float(r[k]) for r in mine), statistics.pstdev([float(r[k]) for r in mine]))
+                       for k in ("maxvio_patched", "maxvio_stock")]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = range(len(names))
+    for offset, (label, index, color) in enumerate((("while training (patched)", 0, "#9ab"),
+                                                    ("as served (stock transformers)", 1, "#c33"))):
+        ax.bar([i + (offset - 0.5) * 0.38 for i in x], [stats[n][index][0] for n in names], 0.38,
+               yerr=[stats[n][index][1] for n in names], label=label, color=color, capsize=2)
+    ax.set_xticks(list(x), [LABELS.get(n, n) for n in names], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("held-out MaxVio (lower is better)")
+    seeds = len({r["seed"] for r in rows})
+    ax.set_title(f"Fine-tuning a balanced checkpoint: balance of the model you ship ({seeds} seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=4)
@@ -161,7 +196,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="finetune")
     p.add_argument("--cache", default="runs/finetune_cache")
+    p.add_argument("--plot", metavar="CSV", help="only draw the figure of a finished run's CSV")
     args = p.parse_args(argv)
+    if args.plot:
+        rows = list(csv.DictReader(open(args.plot)))
+        print(figure(rows, Path(args.plot).with_suffix(".png")))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     general, _ = stdlib_corpus(max_bytes=2_000_000)
     general_val, _ = stdlib_corpus(max_bytes=400_000, split="val")
@@ -183,6 +223,7 @@ def main(argv=None) -> int:
         writer.writeheader(), writer.writerows(rows)
     text = table(rows)
     (out / f"{args.tag}.md").write_text(text)
+    figure(rows, out / f"{args.tag}.png")
     print(text)
     return 0
 

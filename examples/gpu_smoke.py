@@ -189,6 +189,9 @@ class Smoke:
         self.train_ds, self.val_ds = ByteWindows(train, SEQ, 4096), ByteWindows(val, SEQ, 64)
         self.folders = {m: make_checkpoint(m, out / f"ckpt_{m}", train) for m in args.models}
 
+    def load_folder(self, folder: Path, **kwargs):
+        return self.AutoModel.from_pretrained(folder, attn_implementation="eager", **kwargs)
+
     def load(self, model_type: str, **kwargs):
         # eager attention: SDPA's memory-efficient backward on CUDA is not deterministic (resume compares runs)
         return self.AutoModel.from_pretrained(self.folders[model_type], attn_implementation="eager", **kwargs)
@@ -251,6 +254,30 @@ def check_bias_moves(s: Smoke, model_type: str, precision: str):
     lower = end < 0.9 * start or end < 0.9 * control  # 10% margin: held-out MaxVio has sampling noise
     return bias_max > 0 and lower, (f"{steps} steps: |bias|max {bias_max:.3g}, held-out MaxVio {start:.2f} -> "
                                     f"{end:.2f} (control without balancing {control:.2f})")
+
+
+def check_ships(s: Smoke, model_type: str, precision: str):
+    """The default config hands the routing over to the router weights; trainer.save_model() then writes a
+    model that stock transformers routes as trained, on this device and in this precision."""
+    from moe_balance import export
+    cb = MoEBalanceCallback(heatmap_every=0)
+    steps = max(s.steps, BIAS_STEPS)
+    trainer = s.trainer(s.load(model_type), f"ships_{model_type}_{precision}", precision, [cb], max_steps=steps)
+    trainer.train()
+    folder = s.out / f"ships_{model_type}_{precision}" / "saved"
+    trainer.save_model(str(folder))
+    model = trainer.model
+    device = next(model.parameters()).device
+    data = [torch.stack([s.val_ds[i]["input_ids"] for i in range(j, j + BATCH)]).to(device) for j in (0, BATCH)]
+    trained = export.routing_report(model, data)
+    stock = s.load_folder(folder).to(device)
+    import moe_balance as mb
+    mb.patch(stock, bias_update="none", selftest=False)  # measuring only: a zero bias is bit-identical to stock
+    served = export.routing_report(stock, data)
+    shares = export.agreement(trained["selections"], served["selections"])
+    ok = min(shares) >= 0.99 and abs(served["loss"] - trained["loss"]) < 5e-3
+    return ok, (f"{steps} steps: export agreement {cb.export_agreement:.4f}, stock vs trained top-k agreement "
+                f"min {min(shares):.4f}, loss {trained['loss']:.4f} -> {served['loss']:.4f}")
 
 
 def router_grads(s: Smoke, model_type: str, precision: str, aux: str):
@@ -468,11 +495,12 @@ def run_checks(args: argparse.Namespace, out: Path) -> Table:
     for model_type in args.models:
         for precision in precisions:
             if precision not in usable:
-                for check in ("train", "bias moves", "resume"):
+                for check in ("train", "bias moves", "ships as trained", "resume"):
                     table.skip(check, model_type, precision, "this GPU has no bf16")
                 continue
             table.run("train", model_type, precision, check_train, s, model_type, precision)
             table.run("bias moves", model_type, precision, check_bias_moves, s, model_type, precision)
+            table.run("ships as trained", model_type, precision, check_ships, s, model_type, precision)
         for precision in ["fp32"] + usable:
             table.run("aux -> router", model_type, precision, check_aux, s, model_type, precision, reference)
         for precision in usable:

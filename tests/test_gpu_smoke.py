@@ -32,9 +32,10 @@ def test_gpu_smoke_cpu_dry_run(tmp_path):
     rows = re.findall(r"^(\S.*?)\s+\| (\S+)\s+\| (\S+)\s+\| (PASS|FAIL|SKIP)\s+\|", out, flags=re.M)
     results = {(check.strip(), model, precision): status for check, model, precision, status in rows}
     for model in ("mixtral", "deepseek_v3"):
-        for check, precision in (("train", "bf16"), ("bias moves", "bf16"), ("aux -> router", "fp32"),
+        for check, precision in (("train", "bf16"), ("bias moves", "bf16"), ("ships as trained", "bf16"),
+                                 ("aux -> router", "fp32"),
                                  ("aux -> router", "bf16"), ("resume", "bf16")):
             assert results.get((check, model, precision)) == "PASS", (check, model, precision, out[-4000:])
         assert results.get(("device_map auto", model, "-")) == "SKIP"  # no device_map in the dry run
     assert "FAIL" not in results.values()
-    assert re.search(r"^10 passed, 0 failed, 4 skipped$", out, flags=re.M), out[-2000:]
+    assert re.search(r"^12 passed, 0 failed, 4 skipped$", out, flags=re.M), out[-2000:]
