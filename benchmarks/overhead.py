@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -148,11 +149,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--archs", default="mixtral,qwen3_moe")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--memory-variants", default=",".join(VARIANTS),
+                   help="variants whose saved-for-backward memory is measured (one fresh process each)")
     args = p.parse_args(argv)
+    measured = [v for v in args.memory_variants.split(",") if v]
+    unknown = [v for v in measured if v not in VARIANTS]
+    if unknown:
+        p.error(f"--memory-variants: unknown {unknown}; choose from {list(VARIANTS)}")
     results: dict = {}
     for arch in args.archs.split(","):
         ms = time_arch(arch, args.toy, args.steps, args.warmup)
-        mem = {v: saved_memory_mb(arch, v, args.toy, 3) for v in VARIANTS}
+        mem = {v: saved_memory_mb(arch, v, args.toy, 3) if v in measured else math.nan for v in VARIANTS}
         results[arch] = {"step_ms": ms, "saved_memory_mb": mem}
         print(f"{arch}: median of {args.steps} interleaved steps (fwd+bwd+AdamW)")
         for v in VARIANTS:

@@ -25,7 +25,8 @@ def run(*args: str, cwd) -> str:
 def test_quality_quick_smoke(tmp_path):
     out = run(str(ROOT / "benchmarks" / "quality.py"), "--quick", "--steps", "6", "--seeds", "2",
               "--methods", "none,sign_1e-3,global_batch_1e-2,hf_aux_1e-2", "--eval-batches", "2",
-              "--frozen-methods", "quantile", "--frozen-steps", "3", "--out", str(tmp_path), cwd=tmp_path)
+              "--frozen-methods", "quantile", "--frozen-steps", "3", "--floor-batches", "2", "--out", str(tmp_path),
+              cwd=tmp_path)  # 2 floor batches (x 30 bias iterations): the price-floor path at a tenth of the cost
     assert "file-list hash" in out
     assert "sampling floor" in out
     rows = list(csv.DictReader((tmp_path / "quality_quick.csv").open()))
@@ -48,11 +49,14 @@ def test_quality_quick_smoke(tmp_path):
 
 def test_overhead_toy_smoke(tmp_path):
     out = run(str(ROOT / "benchmarks" / "overhead.py"), "--toy", "--steps", "2", "--warmup", "1",
-              "--archs", "mixtral", "--json", str(tmp_path / "o.json"), cwd=tmp_path)
+              "--archs", "mixtral", "--memory-variants", "unpatched,quantile", "--json", str(tmp_path / "o.json"),
+              cwd=tmp_path)  # one fresh process per measured variant: two are enough to check the path
     assert "all-reduce calls per step: 1" in out
     data = json.loads((tmp_path / "o.json").read_text())
     assert set(data["mixtral"]["step_ms"]) == {"unpatched", "bias", "quantile", "bias+aux+z", "hf_aux"}
     assert data["step_60x256"]["calls"] == data["step_60x256"]["steps"] == 5
+    memory = data["mixtral"]["saved_memory_mb"]
+    assert memory["unpatched"] > 0 and memory["quantile"] > 0
 
 
 def test_core_overhead_smoke(tmp_path):

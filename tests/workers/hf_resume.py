@@ -14,6 +14,12 @@ from pathlib import Path
 
 import torch
 
+try:  # keep DeepSpeed's op JIT builds out of tests (the shm comm op costs a fresh machine ~40 s or more)
+    import deepspeed
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+except ImportError:
+    pass
+
 from moe_balance.integrations.hf import MoEBalanceCallback
 from tests.hf_helpers import args, datasets, load, saved_checkpoint
 
