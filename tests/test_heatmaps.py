@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 np = pytest.importorskip("numpy")
 pytest.importorskip("matplotlib")
@@ -15,6 +14,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from moe_balance.plot import HEATMAP_TAG, MAXVIO_TAG, BalanceImages, balance_images  # noqa: E402
+
+from .accelerate_helpers import tracked_accelerate_run  # noqa: E402
 
 TAGS = {HEATMAP_TAG, MAXVIO_TAG}
 
@@ -69,22 +70,7 @@ def test_hf_trainer_heatmaps_off(tmp_path):
 
 
 def test_accelerate_sends_heatmaps_to_tensorboard(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
-    from moe_balance.integrations.accelerate import attach
-    from moe_balance.testing import ByteWindows, stdlib_corpus, tiny_model
-    acc = accelerate.Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
-    acc.init_trackers("run")
-    train, _ = stdlib_corpus(max_bytes=300_000)
-    model = tiny_model("mixtral", vocab_size=256)
-    loader = torch.utils.data.DataLoader(ByteWindows(train, 32, 24), batch_size=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    attach(acc, model, opt, bias_update="sign", log_every=2, heatmap_every=2)
-    for batch in loader:
-        acc.backward(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
-        opt.step()
-        opt.zero_grad()
-    acc.end_training()
+    tracked_accelerate_run(tmp_path, "tensorboard", "run")
     events = _events(tmp_path)
     assert TAGS <= set(events.Tags()["images"])
     assert [e.step for e in events.Images(HEATMAP_TAG)] == [2, 6]  # logs at steps 2, 4, 6; every 2nd, first included

@@ -17,6 +17,8 @@ from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from moe_balance.plot import HEATMAP_TAG, MAXVIO_TAG  # noqa: E402
 
+from .accelerate_helpers import tracked_accelerate_run  # noqa: E402
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -133,22 +135,7 @@ def test_lightning_reports_to_wandb(tmp_path):
 
 
 def test_accelerate_reports_to_wandb(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
-    from moe_balance.integrations.accelerate import attach
-    from moe_balance.testing import ByteWindows, stdlib_corpus, tiny_model
-    acc = accelerate.Accelerator(cpu=True, log_with="wandb", project_dir=str(tmp_path))
-    acc.init_trackers("moe-balance-test")
-    train, _ = stdlib_corpus(max_bytes=300_000)
-    model = tiny_model("mixtral", vocab_size=256)
-    loader = torch.utils.data.DataLoader(ByteWindows(train, 32, 24), batch_size=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    attach(acc, model, opt, bias_update="sign", log_every=2, heatmap_every=2)
-    for batch in loader:
-        acc.backward(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
-        opt.step()
-        opt.zero_grad()
-    acc.end_training()
+    tracked_accelerate_run(tmp_path, "wandb", "moe-balance-test")
     close_runs()
     rows = assert_images_and_scalars(tmp_path, "moe_balance/maxvio_global", image_steps=2)
     assert [row["_step"] for row in rows if f"{HEATMAP_TAG}/path" in row] == [2, 6]  # logs at 2, 4, 6: every 2nd
