@@ -85,12 +85,14 @@ def test_balance_loss_reaches_router_with_ga_scale(tmp_path):
     assert patch_state_of(trainer.model).backward_scale() == 0.25
 
 
-def _run(tmp_path, out, resume=None, max_steps=20):
+SIGN_AND_AUX = dict(bias_update="sign", bias_update_rate=5e-3, aux_loss="global_batch", aux_loss_coef=1e-2)
+
+
+def _run(tmp_path, out, resume=None, max_steps=20, config=None):
     folder = tmp_path / "ckpt"
     if not folder.exists():
         saved_checkpoint("mixtral", folder)
-    cb = MoEBalanceCallback(bias_update="sign", bias_update_rate=5e-3, aux_loss="global_batch",
-                            aux_loss_coef=1e-2)
+    cb = MoEBalanceCallback(**(config or SIGN_AND_AUX))
     train_ds, _ = datasets(n_train=256)
     trainer = Trainer(model=load(folder), args=args(tmp_path / out, max_steps=max_steps, logging_steps=1,
                                                     save_strategy="steps", save_steps=10),
@@ -112,6 +114,19 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
         assert resumed_bias[step] == full_bias[step]
     assert torch.equal(resumed_cb.balancer.bias_LE, full_cb.balancer.bias_LE)
+
+
+def test_resume_inside_the_hand_over_continues_exactly(tmp_path):
+    """Default rule with absorption; the hand-over spans steps 5-20 and the run resumes at step 10, inside it."""
+    config = dict(handover_fraction=0.75)
+    full_losses, _, full_cb = _run(tmp_path, "full", config=config)
+    resumed_losses, _, resumed_cb = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-10"),
+                                         config=config)
+    assert full_cb.balancer.handover == resumed_cb.balancer.handover == (5, 20)
+    for step in range(11, 21):
+        assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
+    assert torch.equal(resumed_cb.trained_bias_LE, full_cb.trained_bias_LE)
+    assert float(resumed_cb.balancer.bias_scale) == 0.0 and resumed_cb.export_agreement == 1.0
 
 
 def test_deepspeed_entry_is_read_and_conflicts_refused(tmp_path):
