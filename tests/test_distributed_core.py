@@ -47,3 +47,25 @@ def test_two_ranks_equal_one_rank(rule, tmp_path):
     for g0, g1, g_ref in zip(ranks[0]["grads"], ranks[1]["grads"], ref_grads):
         torch.testing.assert_close(torch.cat([g0, g1]) / 2, g_ref, rtol=1e-4, atol=1e-8)
     assert ranks[0]["metrics"]["maxvio_global"] == pytest.approx(ref.metrics()["maxvio_global"])
+
+
+def test_fold_on_two_ranks_equals_one_process(tmp_path):
+    """export.fold_bias sums the router-input moments over the ranks (one all-reduce): every rank folds the
+    same delta, the one a single process computes from all the calibration batches."""
+    from moe_balance import export
+    from moe_balance.testing import tiny_model
+
+    from .workers.fold_two_ranks import bias_for, calibration
+    run_torchrun(Path(__file__).parent / "workers" / "fold_two_ranks.py", str(tmp_path), nproc=2, timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    balancer = mb.patch(model)
+    balancer.bias_LE.copy_(bias_for(balancer))
+    export.fold_bias(model, calibration())
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 1
+    for name, weight in model.named_parameters():
+        if name in before:
+            assert torch.equal(ranks[0]["routers"][name], ranks[1]["routers"][name])
+            assert not torch.equal(weight.detach(), before[name])
+            torch.testing.assert_close(ranks[0]["routers"][name], weight.detach(), rtol=0, atol=1e-6)
