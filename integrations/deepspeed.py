@@ -57,6 +57,7 @@ def initialize(*args: Any, **kwargs: Any):
     config = params.get("config") or params.get("config_params")
     if config is None and getattr(params.get("args"), "deepspeed_config", None):
         config = params["args"].deepspeed_config
+    config = _load_config(config)  # a JSON path is read once, for the entry and the scheduler
     entry = read_deepspeed_entry(config, ENTRY)
     if entry is None:
         warnings.warn("moe_balance: the DeepSpeed config has no \"moe_balance\" entry; nothing is balanced "
@@ -77,11 +78,14 @@ def initialize(*args: Any, **kwargs: Any):
     return result
 
 
-def _total_steps(config: Any) -> int | None:
-    """``scheduler.params.total_num_steps`` of a DeepSpeed config (WarmupDecayLR, WarmupCosineLR), if any."""
-    if isinstance(config, (str, os.PathLike)):
-        config = json.loads(Path(config).read_text())
-    params = ((config or {}).get("scheduler") or {}).get("params") or {} if isinstance(config, dict) else {}
+def _load_config(config: Any) -> Any:
+    """A DeepSpeed config given as a JSON file path, read; a dict (or None) as it is."""
+    return json.loads(Path(config).read_text()) if isinstance(config, (str, os.PathLike)) else config
+
+
+def _total_steps(config: Mapping[str, Any] | None) -> int | None:
+    """``scheduler.params.total_num_steps`` of a DeepSpeed config dict (WarmupDecayLR, WarmupCosineLR), if any."""
+    params = ((config.get("scheduler") or {}).get("params") or {}) if isinstance(config, Mapping) else {}
     total = params.get("total_num_steps")
     return int(total) if isinstance(total, (int, float)) and total > 0 else None
 

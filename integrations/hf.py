@@ -397,9 +397,8 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
             return control
         from moe_balance import export
         trainer = self._trainer_ref() if self._trainer_ref else None
-        batches = _first_batches(train_dataloader, self.ship_batches) if train_dataloader is not None else None
         self.trained_bias_LE = self.balancer.bias_LE.detach().clone()  # a fold zeroes it: keep what training made
-        agreement = export.ship(model, batches)
+        agreement = export.ship(model, train_dataloader, limit=self.ship_batches)  # read only if a fold is due
         self.export_agreement = agreement
         if trainer is not None:  # the Trainer's own log: console, log_history and the reporters
             trainer.log({"moe_balance/export_topk_agreement": agreement})
@@ -434,16 +433,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
     def unpatch(self, model: torch.nn.Module, **kwargs: Any) -> None:
         """Restore the model's original routers (see :func:`moe_balance.unpatch`)."""
         patching.unpatch(model, **kwargs)
-
-
-def _first_batches(loader: Any, n: int) -> list[Any]:
-    """Up to ``n`` batches of the train dataloader."""
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) >= n:
-            break
-    return out
 
 
 def _router_configs(model: torch.nn.Module | None) -> list[Any]:

@@ -168,12 +168,9 @@ class MoEBalanceCallback(pl.Callback):
         if not self.ship or self.balancer is None:
             return
         from moe_balance import export
-        batches = []
-        for batch in trainer.train_dataloader or []:
-            batches.append(batch[0] if isinstance(batch, tuple) and len(batch) == 3 else batch)
-            if len(batches) >= self.ship_batches:
-                break
-        self.export_agreement = export.ship(self.model, batches)
+        # Lazy: the dataloader is only read when a fold is due (CombinedLoader yields (batch, idx, loader_idx)).
+        batches = (b[0] if isinstance(b, tuple) and len(b) == 3 else b for b in trainer.train_dataloader or [])
+        self.export_agreement = export.ship(self.model, batches, limit=self.ship_batches)
         for lg in trainer.loggers if trainer.is_global_zero else []:
             lg.log_metrics({"moe_balance/export_topk_agreement": self.export_agreement}, step=trainer.global_step)
 

@@ -396,13 +396,8 @@ class Balancer(nn.Module):
 
     def _reduce_window(self) -> dict[str, torch.Tensor]:
         parts = [getattr(self, name) for name, _ in self._window_fields]
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        reduced = self.reducer.all_reduce_sum(flat)
-        window, offset = {}, 0
-        for (name, _), part in zip(self._window_fields, parts):
-            window[name] = reduced[offset:offset + part.numel()].reshape(part.shape).clone()
-            offset += part.numel()
-        return window
+        reduced = self.reducer.sum_parts(parts)
+        return {name: part.clone() for (name, _), part in zip(self._window_fields, reduced)}
 
     def _reset_window(self) -> None:
         for name, _ in self._window_fields:

@@ -138,7 +138,7 @@ class BalanceConfig:
     """Share of training, at its end, over which generic routers stop applying the bias (linearly) while
     absorption goes on, so the weights alone route at the end and the saved model routes as trained.
     Integrations that know the total steps (HF Trainer, Lightning) apply it; plain loops call
-    ``balancer.hand_over(total_steps)``. Skipped for frozen routers (LoRA). 0 = off."""
+    ``moe_balance.export.plan_handover(model, total_steps)``. Skipped for frozen routers (LoRA). 0 = off."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):

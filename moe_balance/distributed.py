@@ -25,5 +25,10 @@ class StepReducer:
         dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
         return work
 
+    def sum_parts(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several tensors (one dtype) summed in one all-reduce; new tensors, the inputs are left as they are."""
+        flat = self.all_reduce_sum(torch.cat([p.reshape(-1) for p in parts]))
+        return [chunk.reshape(p.shape) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
     def world_size(self) -> int:
         return dist.get_world_size(self.group) if is_distributed(self.group) else 1

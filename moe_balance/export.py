@@ -21,6 +21,7 @@ transformers with the trained model: per-layer top-k agreement, loss and MaxVio 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -160,6 +161,16 @@ def agreement(before: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     return shares
 
 
+def _generic_sites(state: Any) -> list[RouterSite]:
+    """Routers whose bias lives only in the balancer (no native buffer carries it into the checkpoint)."""
+    return [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"]
+
+
+def _applied_sites(state: Any) -> list[RouterSite]:
+    """Generic routers that apply a non-zero bias now: what stock transformers would not reproduce."""
+    return [s for s in _generic_sites(state) if bool(state.balancer.applied_bias(s.layer).abs().max() > 0)]
+
+
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)} | \
         {id(b): name for name, b in model.named_buffers(remove_duplicate=False)}
@@ -191,8 +202,7 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: 
                          f"'logits', the default with 'quantile'); got bias_space={balancer.config.bias_space!r} "
                          f"with bias_update={balancer.config.bias_update!r}: a bias on probabilities is no "
                          "constant in logits")
-    sites = [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"
-             and bool(balancer.applied_bias(s.layer).abs().max() > 0)]
+    sites = _applied_sites(state)
     report = FoldReport()
     if not sites:
         return report
@@ -204,12 +214,17 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: 
         before = _selections(rec)
     recorder = _Recorder(moments=True)
     _run(model, batches, recorder)
-    _sum_over_ranks(recorder, balancer, sites)
-    names = _param_names(model)
     for site in sites:
         if site.layer not in recorder.sums:
             raise RuntimeError(f"moe_balance.export.fold_bias: router {site.name} ran no linear over "
                                f"{site.num_experts} outputs in the calibration batches; cannot fold its bias")
+    # Every data-parallel rank folds the same delta: the moments are summed over the balancer's group (one
+    # all-reduce, in layer order; every rank must call fold_bias).
+    parts = [t for site in sites for t in recorder.sums[site.layer]]
+    for part, total in zip(parts, balancer.reducer.sum_parts(parts)):
+        part.copy_(total)
+    names = _param_names(model)
+    for site in sites:
         weight, lin_bias = recorder.linear[site.layer]
         for tensor in (weight, lin_bias):
             if tensor is not None and is_sharded(tensor):
@@ -252,8 +267,7 @@ def plan_handover(model: torch.nn.Module, total_steps: int) -> tuple[int, int] |
     balancer = state.balancer
     if balancer.config.handover_fraction == 0 or balancer.config.absorb_coef == 0:
         return None  # without absorption nothing would carry the routing once the bias is gone
-    generic = [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"]
-    frozen = [s.name for s in generic if not any(p.requires_grad for p in s.module.parameters())]
+    frozen = [s.name for s in _generic_sites(state) if not any(p.requires_grad for p in s.module.parameters())]
     if frozen:
         warnings.warn(f"moe_balance: {len(frozen)} routers are frozen (e.g. {frozen[0]}): they cannot learn the bias, "
                       "so there is no hand-over; the bias is folded into their weights at the end instead",
@@ -274,16 +288,16 @@ def as_stock(balancer: Any) -> Iterator[None]:
         balancer.bias_scale.copy_(saved)
 
 
-def ship(model: torch.nn.Module, batches: Iterable[Any] | None) -> float:
+def ship(model: torch.nn.Module, batches: Iterable[Any] | None, limit: int | None = None) -> float:
     """End of training, for the integrations: fold whatever bias the generic routers still apply (nothing
     after a full hand-over) and return the lowest per-layer top-k agreement of the unbiased routing with
     the trained one (1.0 when no bias is applied: the patched model then routes exactly as stock).
-    ``batches`` (a few training batches) fit the fold on one half and measure agreement on the other;
-    None where the trainer has none (NaN returned, warned)."""
+    ``batches`` (e.g. the training dataloader; only read when there is something to fold, at most ``limit``
+    of them) fit the fold on one half and measure agreement on the other; None where the trainer has none
+    (NaN returned, warned)."""
     state = patch_state_of(model)
     balancer = state.balancer
-    applied = [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"
-               and bool(balancer.applied_bias(s.layer).abs().max() > 0)]
+    applied = _applied_sites(state)
     if not applied:
         return 1.0
     if not balancer.config.ranks_logits:
@@ -299,10 +313,10 @@ def ship(model: torch.nn.Module, batches: Iterable[Any] | None) -> float:
                       RuntimeWarning, stacklevel=2)
         return math.nan
     usable = []
-    for batch in batches or []:
+    for batch in itertools.islice(batches or [], limit):
         try:
             usable.append(_as_inputs(batch))
-        except TypeError:
+        except TypeError:  # e.g. DPO's lists of prompt/chosen/rejected: nothing to route as is
             continue
     if not usable:
         warnings.warn("moe_balance: no training batches to fold the remaining bias with; the saved model will not "
@@ -310,19 +324,6 @@ def ship(model: torch.nn.Module, batches: Iterable[Any] | None) -> float:
         return math.nan
     report = fold_bias(model, usable[::2], check_batches=usable[1::2] or None)
     return report.min_agreement if report.min_agreement is not None else math.nan
-
-
-def _sum_over_ranks(recorder: _Recorder, balancer: Any, sites: list[RouterSite]) -> None:
-    """Every data-parallel rank folds the same delta: the moments are summed over the balancer's group
-    (one all-reduce, in layer order; every rank must call fold_bias)."""
-    if balancer.reducer.world_size() <= 1:
-        return
-    parts = [t for site in sites for t in recorder.sums[site.layer]]
-    flat = balancer.reducer.all_reduce_sum(torch.cat([p.reshape(-1) for p in parts]))
-    offset = 0
-    for part in parts:
-        part.copy_(flat[offset:offset + part.numel()].reshape(part.shape))
-        offset += part.numel()
 
 
 def fold_tensors(report: FoldReport) -> dict[str, torch.Tensor]:
@@ -351,8 +352,7 @@ def write_fold_record(model: torch.nn.Module, folder: str | Path) -> Path | None
     if state is None:
         return None
     report = getattr(state.balancer, "fold_report", None) or FoldReport()
-    if not report.layers and float(state.balancer.bias_scale) != 0 and bool(state.balancer.bias_LE.abs().max() > 0) \
-            and any(s.native_owner is None for s in state.sites):
+    if not report.layers and _applied_sites(state):
         return None  # a bias is still applied and was not folded: no record claims this folder is what trained
     meta = {"config": state.balancer.config.to_json(),
             "layers": json.dumps({str(k): {"router": v.router, "param": v.param, "fit_r2": v.fit_r2}

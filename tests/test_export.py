@@ -265,11 +265,11 @@ def test_plan_handover_skips_frozen_routers_and_rules_without_absorption():
 
 
 def test_deepspeed_entry_reads_the_run_length_from_its_scheduler(tmp_path):
-    from moe_balance.integrations.deepspeed import _total_steps
+    from moe_balance.integrations.deepspeed import _load_config, _total_steps
     config = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 500, "warmup_num_steps": 10}}}
     assert _total_steps(config) == 500
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    assert _total_steps(str(tmp_path / "ds.json")) == 500
+    assert _total_steps(_load_config(str(tmp_path / "ds.json"))) == 500
     assert _total_steps({"train_batch_size": 8}) is None and _total_steps(None) is None
 
 
