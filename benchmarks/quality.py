@@ -57,8 +57,9 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
     "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
     "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
-    "quantile_no_ship": ({"bias_update": "quantile", "bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None),
-    "quantile_absorb_1e-2": ({"bias_update": "quantile", "bias_absorb_coef": 1e-2}, None),
+    # the bias kept beside the weights (no fold): the "bias-only" reference; served, it is dropped
+    "quantile_no_fold": ({"bias_update": "quantile", "fold_share": 0.0}, None),
+    "quantile_fold_0.1": ({"bias_update": "quantile", "fold_share": 0.1}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
                  "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
@@ -105,6 +106,7 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
     frozen = [p for p in model.parameters() if p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
+    hooks, balancer.post_step_hooks = balancer.post_step_hooks, []  # the price alone: the fold moves no weight
     try:
         with torch.enable_grad():  # recorded as training windows; nothing needs grad, no backward
             for _ in range(iters):
@@ -119,6 +121,7 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
             per_batch.append(balancer.metrics()["maxvio_global"])
         _, held = evaluate_heldout(model, balancer, val, eval_batches, seed=1234)
     finally:
+        balancer.post_step_hooks = hooks
         for param in frozen:
             param.requires_grad_(True)
     return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"]}
@@ -148,7 +151,6 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
     if frozen:  # LoRA-like: the routers do not learn, the bias is the only balancing force
         for site in mb.patching.patch_state_of(model).sites:
             site.module.requires_grad_(False)
-    export.plan_handover(model, steps)  # what the integrations do: a no-op without absorption or a hand-over
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, args.batch, args.seq, seed=seed)
     times, curve = [], []

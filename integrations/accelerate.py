@@ -44,7 +44,7 @@ require("accelerate")
 
 
 def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig | Mapping[str, Any] | None = None, *,
-           attach_loss: bool = True, log_every: int = 10, heatmap_every: int = 10, total_steps: int | None = None,
+           attach_loss: bool = True, log_every: int = 10, heatmap_every: int = 10,
            **fields: Any) -> Balancer:
     """Patch ``model``'s routers and drive the balancer from the prepared ``optimizer``.
 
@@ -55,9 +55,6 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
         log_every: optimizer steps between ``accelerator.log`` calls (when trackers exist).
         heatmap_every: every this many ``accelerator.log`` calls, send the load heatmap and MaxVio curve as
             images to the tensorboard / wandb trackers (main process); 0 turns it off.
-        total_steps: optimizer steps the run will take: the routing is then handed over to the router weights
-            over the last ``handover_fraction`` of them, so the saved model routes as trained in stock
-            transformers / vLLM (docs/serving.md). End the run with ``moe_balance.export.ship(model, batches)``.
         **fields: :class:`~moe_balance.BalanceConfig` fields.
     """
     from accelerate.optimizer import AcceleratedOptimizer
@@ -77,9 +74,6 @@ def attach(accelerator: Any, model: Any, optimizer: Any, config: BalanceConfig |
         lambda: accelerator.gradient_accumulation_steps, lazy_precision_scale(accelerator))
     _wrap_step(accelerator, optimizer, balancer, log_every, BalanceImages(heatmap_every))
     _checkpoint_with(accelerator, balancer)
-    if total_steps is not None:
-        from moe_balance.export import plan_handover
-        plan_handover(unwrapped, total_steps)
     return balancer
 
 

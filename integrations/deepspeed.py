@@ -71,23 +71,12 @@ def initialize(*args: Any, **kwargs: Any):
     result = deepspeed.initialize(*args, **kwargs)
     engine = result[0]
     attach_engine(engine, model, balancer)
-    total = _total_steps(config)
-    if total:  # the scheduler knows the run's length: hand the routing over to the router weights before it ends
-        from moe_balance.export import plan_handover
-        plan_handover(model, total)
     return result
 
 
 def _load_config(config: Any) -> Any:
     """A DeepSpeed config given as a JSON file path, read; a dict (or None) as it is."""
     return json.loads(Path(config).read_text()) if isinstance(config, (str, os.PathLike)) else config
-
-
-def _total_steps(config: Mapping[str, Any] | None) -> int | None:
-    """``scheduler.params.total_num_steps`` of a DeepSpeed config dict (WarmupDecayLR, WarmupCosineLR), if any."""
-    params = ((config.get("scheduler") or {}).get("params") or {}) if isinstance(config, Mapping) else {}
-    total = params.get("total_num_steps")
-    return int(total) if isinstance(total, (int, float)) and total > 0 else None
 
 
 def data_parallel_group(engine: Any) -> Any:

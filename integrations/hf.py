@@ -298,11 +298,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 logger.warning("moe_balance: resumed at step %d but the checkpoint holds no balancer state; "
                                "the balancer starts fresh", state.global_step)
             self.restored_state = None
-        if self.config.handover_fraction > 0 and state.max_steps > 0:
-            # In balancer steps: skipped fp16 steps do not step it (resumed runs carry the offset).
-            from moe_balance.export import plan_handover
-            offset = state.global_step - self.balancer.num_steps
-            plan_handover(model if model is not None else trainer.model, max(1, state.max_steps - offset))
         return control
 
     def _adopt(self, args: Any, model: torch.nn.Module | None) -> None:
@@ -392,16 +387,17 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         """The trained routing must survive without moe-balance: fold whatever bias the generic routers still
-        apply into their weights (nothing after a full hand-over), and log how well stock routing agrees."""
+        apply into their weights (nothing once the online fold carries it), and log the balance the saved model
+        routes with in stock transformers beside the one it had with the bias (``ship_batches`` training batches)."""
         if not self.ship or self.balancer is None or model is None:
             return control
         from moe_balance import export
         trainer = self._trainer_ref() if self._trainer_ref else None
         self.trained_bias_LE = self.balancer.bias_LE.detach().clone()  # a fold zeroes it: keep what training made
-        agreement = export.ship(model, train_dataloader, limit=self.ship_batches)  # read only if a fold is due
-        self.export_agreement = agreement
+        shipped = export.ship(model, train_dataloader, limit=self.ship_batches)
+        self.export_agreement = shipped["topk_agreement"]
         if trainer is not None:  # the Trainer's own log: console, log_history and the reporters
-            trainer.log({"moe_balance/export_topk_agreement": agreement})
+            trainer.log({f"moe_balance/export_{key}": value for key, value in shipped.items()})
         return control
 
     # ------------------------------------------------------------ checkpoints

@@ -157,22 +157,17 @@ class MoEBalanceCallback(pl.Callback):
             self._pending_state = None
 
     # -------------------------------------------------------------- training
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        total = trainer.estimated_stepping_batches
-        if self.config.handover_fraction > 0 and isinstance(total, int) and total > 0:
-            # In balancer steps: skipped 16-mixed steps do not step it (a resumed run carries the offset).
-            from moe_balance.export import plan_handover
-            plan_handover(self.model, max(1, total - (trainer.global_step - self.balancer.num_steps)))
-
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.ship or self.balancer is None:
             return
         from moe_balance import export
         # Lazy: the dataloader is only read when a fold is due (CombinedLoader yields (batch, idx, loader_idx)).
         batches = (b[0] if isinstance(b, tuple) and len(b) == 3 else b for b in trainer.train_dataloader or [])
-        self.export_agreement = export.ship(self.model, batches, limit=self.ship_batches)
+        shipped = export.ship(self.model, batches, limit=self.ship_batches)
+        self.export_agreement = shipped["topk_agreement"]
         for lg in trainer.loggers if trainer.is_global_zero else []:
-            lg.log_metrics({"moe_balance/export_topk_agreement": self.export_agreement}, step=trainer.global_step)
+            lg.log_metrics({f"moe_balance/export_{key}": value for key, value in shipped.items()},
+                           step=trainer.global_step)
 
     def _scaler(self, trainer: Any) -> Any:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

@@ -29,6 +29,7 @@ from .adaptive import AdaptiveCoef
 from .bias import BiasController
 from .config import BalanceConfig, resolve_config, resolved_bias_space
 from .distributed import StepReducer
+from .fold import cg_step, input_statistics
 from .quantile import margin_histogram
 from .losses import RoutingBatch, aux_loss, scores_to_probs, segments_from_seq_len, z_loss
 
@@ -46,6 +47,12 @@ _WINDOW_FIELDS: tuple[tuple[str, Any], ...] = (
     ("loss_batches_L", 1),       # micro-batches whose losses were computed
     ("reported_dropped_sum_L", 1),  # dropped share reported by a router with its own capacity (DeepSpeed)
     ("reported_batches_L", 1),
+    ("differ_L", 1),             # valid tokens whose chosen experts differ from the unbiased top-k (generic routers)
+)
+# With the online fold (moe_balance.fold): sums over the router inputs of the real tokens.
+_FOLD_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("fold_sums_L3D", "3D"),     # sum x, sum x (x . v), sum x (x . p)
+    ("fold_scalars_L2", 2),      # tokens, sum |x|^2
 )
 
 
@@ -58,6 +65,8 @@ class Balancer(nn.Module):
         num_experts: routed experts per layer (``E``).
         top_k: experts chosen per token (``K``).
         process_group: the data-parallel group whose counts are summed (default: WORLD).
+        router_dim: width ``D`` of the router inputs; with it (and ``fold_share > 0``) the balancer estimates
+            the fold direction online (:mod:`moe_balance.fold`). Patching passes it.
 
     Example:
         >>> import torch, moe_balance as mb
@@ -73,7 +82,7 @@ class Balancer(nn.Module):
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, num_layers: int,
                  num_experts: int, top_k: int, process_group: object | None = None,
-                 **overrides: Any) -> None:
+                 router_dim: int | None = None, **overrides: Any) -> None:
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -91,16 +100,20 @@ class Balancer(nn.Module):
         self.register_buffer("aux_coef", torch.tensor(float(self.config.aux_loss_coef), dtype=torch.float32))
         # The quantile rule adds its margin histograms to the one all-reduce (see moe_balance.quantile).
         self._window_fields = _WINDOW_FIELDS + ((("quantile_hist_LEB", "H"),) if self.config.uses_quantile else ())
+        if router_dim is not None and (isinstance(router_dim, bool) or not isinstance(router_dim, int)
+                                       or router_dim < 1):
+            raise ValueError(f"Balancer router_dim={router_dim!r} must be a positive integer or None")
+        self.router_dim = router_dim if self.config.fold_share_resolved > 0 else None
+        if self.router_dim is not None:
+            self._window_fields += _FOLD_FIELDS
+            # CG iterate v ~ S^-1 mu and search direction p per layer; a = v / (mu . v) is the fold direction.
+            self.register_buffer("fold_v_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
+            self.register_buffer("fold_p_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
+            self.register_buffer("fold_a_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
+            self.register_buffer("fold_fit_L", torch.zeros(L, dtype=torch.float64))
         for name, width in self._window_fields:
             self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
                                  persistent=True)
-        # Layers whose bias the absorption term teaches the router (patching clears it for routers with a
-        # native bias buffer: that bias ships with the checkpoint already).
-        self.register_buffer("absorb_L", torch.ones(L, dtype=torch.float32), persistent=False)
-        # Share of the bias the generic routers apply (1 = all of it); a hand-over ramps it to 0 so that the
-        # routers' own weights carry the routing when training ends (see hand_over, moe_balance.export).
-        self.register_buffer("bias_scale", torch.ones((), dtype=torch.float32), persistent=False)
-        self.handover: tuple[int, int] | None = None
         self.register_buffer("quantile_range_L", torch.ones(L, dtype=torch.float64))
         self.register_buffer("last_delta_sign_LE", torch.zeros(L, E, dtype=torch.int8))
         self.register_buffer("quantile_gain_LE", torch.ones(L, E, dtype=torch.float64))
@@ -124,6 +137,8 @@ class Balancer(nn.Module):
         self.last_window: dict[str, torch.Tensor] | None = None
         # Called after each bias update and state load (adapters copy the bias into native buffers).
         self.step_callbacks: list[Any] = []
+        # Called after each bias update only, before step_callbacks (the online fold edits router weights).
+        self.post_step_hooks: list[Any] = []
 
     def _window_shape(self, width: Any) -> tuple[int, ...]:
         if width is None:
@@ -132,6 +147,10 @@ class Balancer(nn.Module):
             return (self.num_layers, len(self.config.capacity_factors))
         if width == "H":
             return (self.num_layers, self.num_experts, self.config.quantile_bins + 2)
+        if width == "3D":
+            return (self.num_layers, 3, self.router_dim)
+        if isinstance(width, int) and width > 1:
+            return (self.num_layers, width)
         return (self.num_layers,)
 
     # ------------------------------------------------------------------ device
@@ -155,7 +174,8 @@ class Balancer(nn.Module):
                 mask: torch.Tensor | None = None, *, scores: torch.Tensor | None = None,
                 seq_len: int | None = None, segment_ids: torch.Tensor | None = None,
                 selection_scores: torch.Tensor | None = None, collect: bool = True, record: bool = True,
-                dropped: torch.Tensor | None = None) -> torch.Tensor:
+                dropped: torch.Tensor | None = None, router_input: torch.Tensor | None = None,
+                unbiased_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Record one micro-batch of one layer; return its weighted balance loss (0-d tensor).
 
         Args:
@@ -173,6 +193,9 @@ class Balancer(nn.Module):
             record: add to the step window; False only computes the loss (e.g. a gradient-checkpoint
                 recomputation, whose tokens were already counted in the first forward).
             dropped: share of assignments the router itself dropped at capacity (0-d tensor), if it has one.
+            router_input: ``[T, D]`` the router's linear input, for the online fold's statistics (``router_dim``).
+            unbiased_idx: ``[T, K]`` the experts the router would choose without the bias; counted in
+                ``routing_differ`` (the share of tokens a stock load of the current weights would route otherwise).
         """
         logits_TE, idx_TK, mask_T, scores_TE, segments = self._check(layer, router_logits, topk_idx,
                                                                     mask, scores, seq_len, segment_ids)
@@ -197,6 +220,11 @@ class Balancer(nn.Module):
                 self.reported_batches_L[layer] += 1
             if self.config.uses_quantile and not self.is_measuring:  # prices need them, measuring windows do not
                 self._add_margins(layer, logits_TE, selection_scores, weight_T)
+            if self.router_dim is not None and router_input is not None and not self.is_measuring:
+                self._add_inputs(layer, router_input, weight_T)
+            if unbiased_idx is not None:
+                self.differ_L[layer] += _differ_count(idx_TK, unbiased_idx.reshape(idx_TK.shape[0], -1),
+                                                      self.num_experts, weight_T).to(home)
         if not self.config.uses_loss or not torch.is_grad_enabled():
             return logits_TE.new_zeros((), dtype=torch.float32)
         total = self._losses(layer, logits_TE, idx_TK, counts_E, weight_T.float(), finite_T, scores_TE, segments,
@@ -215,6 +243,17 @@ class Balancer(nn.Module):
         hist_EB = margin_histogram(scores_TE, self.bias_LE[layer].to(scores_TE.device), weight_T, self.top_k,
                                    self.quantile_range_L[layer].to(scores_TE.device), self.config.quantile_bins)
         self.quantile_hist_LEB[layer] += hist_EB.to(home, non_blocking=True)
+
+    def _add_inputs(self, layer: int, router_input: torch.Tensor, weight_T: torch.Tensor) -> None:
+        x_TD = router_input.detach().reshape(-1, router_input.shape[-1])
+        if x_TD.shape != (weight_T.shape[0], self.router_dim):
+            raise ValueError(f"observe: router_input shape {tuple(router_input.shape)} must hold "
+                             f"[T={weight_T.shape[0]}, router_dim={self.router_dim}]")
+        home = self.bias_LE.device
+        sums_3D, scalars_2 = input_statistics(x_TD, weight_T.to(x_TD.device), self.fold_v_LD[layer],
+                                              self.fold_p_LD[layer])
+        self.fold_sums_L3D[layer] += sums_3D.to(home, non_blocking=True)
+        self.fold_scalars_L2[layer] += scalars_2.to(home, non_blocking=True)
 
     def _check(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor | None,
                scores: torch.Tensor | None, seq_len: int | None, segment_ids: torch.Tensor | None):
@@ -307,11 +346,6 @@ class Balancer(nn.Module):
             z = z_loss(safe_logits, weight_T)
             self.z_sum_L[layer] += z.detach().to(home, torch.float64) * counted
             total = total + cfg.z_loss_coef * z
-        if cfg.absorb_coef > 0:
-            # d/dlogits = -coef * b per valid token (mean): the unbiased router moves toward the biased choice.
-            bias_E = (self.bias_LE[layer] * self.absorb_L[layer]).to(device)
-            pull_T = safe_logits.float() @ bias_E
-            total = total - cfg.absorb_coef * (pull_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)
         self.loss_batches_L[layer] += counted
         return total
 
@@ -360,39 +394,18 @@ class Balancer(nn.Module):
         if bool(active.any()):
             mean_maxvio = float(stats.maxvio(counts_LE)[active].mean())
             self.aux_coef.fill_(self._adaptive.update(mean_maxvio))
+        if self.router_dim is not None:
+            self.fold_a_LD, self.fold_fit_L = (t.to(self.fold_a_LD) for t in cg_step(
+                self.fold_v_LD, self.fold_p_LD, window["fold_sums_L3D"], window["fold_scalars_L2"]))
         self.num_steps += 1
-        self._update_scale()
+        for hook in self.post_step_hooks:
+            hook(self)
         for callback in self.step_callbacks:
             callback(self)
 
-    def hand_over(self, total_steps: int, fraction: float | None = None) -> tuple[int, int] | None:
-        """Hand the routing over to the router weights over the last ``fraction`` of ``total_steps``
-        (default ``config.handover_fraction``): the bias the generic routers apply ramps linearly from
-        all of it to none, while the controller keeps pricing and ``bias_absorb_coef`` keeps teaching the
-        router the full price. At the end the patched model routes exactly as stock transformers will.
-        Returns the ``(start, end)`` steps, or None when the fraction is 0. Counted in ``step()`` calls."""
-        fraction = self.config.handover_fraction if fraction is None else fraction
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"Balancer.hand_over: total_steps={total_steps!r} must be a positive integer")
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"Balancer.hand_over: fraction={fraction!r} must be in [0, 1]")
-        if fraction == 0:
-            self.handover = None
-        else:
-            self.handover = (total_steps - max(1, round(fraction * total_steps)), total_steps)
-        self._update_scale()
-        return self.handover
-
-    def _update_scale(self) -> None:
-        if self.handover is None:
-            self.bias_scale.fill_(1.0)
-            return
-        start, end = self.handover
-        self.bias_scale.fill_(min(1.0, max(0.0, (end - self.num_steps) / max(1, end - start))))
-
     def applied_bias(self, layer: int) -> torch.Tensor:
-        """The bias a generic router adds to its selection now (``bias_LE`` times the hand-over share)."""
-        return self.bias_LE[layer] * self.bias_scale
+        """The bias a generic router adds to its selection now (what the fold has not moved into its weights)."""
+        return self.bias_LE[layer]
 
     def _reduce_window(self) -> dict[str, torch.Tensor]:
         parts = [getattr(self, name) for name, _ in self._window_fields]
@@ -449,9 +462,11 @@ class Balancer(nn.Module):
         ``load_entropy``, ``dead_experts``, ``min_max_ratio``, ``dropped@<cf>``, ``bias_abs_mean``,
         ``bias_abs_max``, ``aux_loss``, ``z_loss``, ``aux_coef``, ``tokens``, ``skipped_tokens``;
         controller metrics ``bias_flip_share`` (experts whose bias move reversed direction this step),
-        ``maxvio_layer_median/p95/max`` and ``maxvio_worst_layer``; with ``expert_parallel_size > 1``
-        ``ep_imbalance`` (busiest expert-parallel rank's load over the mean, minus 1, mean over layers) and
-        ``ep_imbalance_max``; with ``per_layer`` also ``layer<i>/<name>``.
+        ``maxvio_layer_median/p95/max`` and ``maxvio_worst_layer``; ``routing_differ`` (share of tokens whose
+        experts differ from what the same weights choose without the bias: what a stock load would change) and,
+        with the online fold, ``fold_fit`` (mean over layers of the share of a constant the router inputs
+        explain); with ``expert_parallel_size > 1`` ``ep_imbalance`` (busiest expert-parallel rank's load over
+        the mean, minus 1, mean over layers) and ``ep_imbalance_max``; with ``per_layer`` also ``layer<i>/<name>``.
         """
         window = self.last_window if self.last_window is not None else self.current_window()
         per_layer = self.config.log_per_layer if per_layer is None else per_layer
@@ -482,6 +497,9 @@ class Balancer(nn.Module):
         out["aux_coef"] = float(self.aux_coef)
         out["tokens"] = float(window["tokens_L"].max())
         out["skipped_tokens"] = float(window["skipped_tokens_L"].sum())
+        out["routing_differ"] = layer_mean(window["differ_L"] / window["tokens_L"].clamp_min(1.0))
+        if self.router_dim is not None:
+            out["fold_fit"] = float(self.fold_fit_L.mean())
         out.update(self._controller_metrics(window["counts_LE"], active_L))
         reported_L = window["reported_batches_L"]
         if bool((reported_L > 0).any()):
@@ -525,7 +543,6 @@ class Balancer(nn.Module):
     # -------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "has_ema": self._has_ema, "adaptive_coef": self._adaptive.coef,
-                "handover": list(self.handover) if self.handover is not None else None,
                 "config": self.config.to_dict(), "shape": [self.num_layers, self.num_experts, self.top_k]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -544,9 +561,6 @@ class Balancer(nn.Module):
                 f"resume with BalanceConfig(bias_space={saved_space!r}) or start the bias afresh")
         self.num_steps = int(state["num_steps"])
         self._has_ema = bool(state["has_ema"])
-        handover = state.get("handover")
-        self.handover = (int(handover[0]), int(handover[1])) if handover else None
-        self._update_scale()
         if self.config.adaptive_aux:  # otherwise the configured weight wins (a resumed run may change it)
             self._adaptive.coef = float(state["adaptive_coef"])
 
@@ -588,6 +602,18 @@ class Balancer(nn.Module):
         c = self.config
         return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"bias_update={c.bias_update!r}, aux_loss={c.aux_loss!r}, z_loss_coef={c.z_loss_coef}")
+
+
+def _differ_count(idx_TK: torch.Tensor, other_TK: torch.Tensor, num_experts: int,
+                  weight_T: torch.Tensor) -> torch.Tensor:
+    """Weighted number of tokens whose set of chosen experts differs between two selections (fp64, 0-d)."""
+    chosen_TE = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.int8, device=idx_TK.device)
+    chosen_TE.scatter_(1, idx_TK.long(), 1)
+    chosen_TE.scatter_add_(1, other_TK.long().to(idx_TK.device), torch.full_like(other_TK, 2, dtype=torch.int8,
+                                                                                    device=idx_TK.device))
+    # an expert in exactly one of the two selections has 1 or 2; in both, 3
+    differ_T = ((chosen_TE == 1) | (chosen_TE == 2)).any(-1)
+    return (differ_T.to(weight_T.dtype) * weight_T).sum().double()
 
 
 def load_state_file(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:

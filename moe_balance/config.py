@@ -34,6 +34,11 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
 
 
+DEFAULT_FOLD_SHARE = 0.1
+"""Each step the weights take a tenth of the bias: they carry its average over ~10 steps while the bias keeps
+each step's noise (measured against 1, which folds every step's noise into the weights: docs/serving.md)."""
+
+
 def resolved_bias_space(bias_update: str, bias_space: str) -> str:
     """``scores`` or ``logits``: where a bias of this rule lives (``auto``: logits for quantile)."""
     if bias_space == "auto":
@@ -127,18 +132,17 @@ class BalanceConfig:
     """Keep ``|b| <= bias_clamp``; None = unbounded."""
     bias_freeze: bool = False
     """Keep the bias as it is (loads are still measured and logged)."""
-    bias_absorb_coef: float | None = None
-    """Teach the router weights the bias as training goes (generic routers, bias in logit space): a
-    router-only term whose gradient on every token's logits is ``-coef * b``, so the unbiased router
-    drifts toward the biased choice and the controller's bias shrinks. What ships without moe-balance
-    (stock transformers, vLLM) is then the trained routing (docs/serving.md). None = auto: 1e-3 when the
-    bias is in logit space (the quantile default), else 0; 0 = off. Larger pulls (1e-2) ship a fine-tune
-    as well but cost a collapsed router up to 0.3 nats (docs/serving.md, measured)."""
-    handover_fraction: float = 0.3
-    """Share of training, at its end, over which generic routers stop applying the bias (linearly) while
-    absorption goes on, so the weights alone route at the end and the saved model routes as trained.
-    Integrations that know the total steps (HF Trainer, Lightning) apply it; plain loops call
-    ``moe_balance.export.plan_handover(model, total_steps)``. Skipped for frozen routers (LoRA). 0 = off."""
+    fold_share: float | None = None
+    """Share of the bias the generic routers apply that is moved into their weights after every step
+    (bias in logit space; :mod:`moe_balance.fold`): the router's linear bias takes it exactly where it has one,
+    else the weight takes ``b a^T`` with ``a . x ~ 1`` on the router inputs (estimated online). The controller
+    keeps pricing from the current scores, so it corrects what the fold misses. The weights then carry the
+    routing during training, not only at its end: a checkpoint saved at any step routes almost as trained in
+    stock transformers, vLLM and SGLang (the ``routing_differ`` metric says how closely), with no need to know
+    the run's length. What stays in the bias is the last steps' price noise, which the served model is better
+    without (docs/serving.md). None = auto: 0.1 when the bias is in logit space (the quantile default), else 0
+    (a bias on probabilities is no constant in logits); 1 = the weights carry all of it at every step; 0 = off,
+    the bias lives beside the weights and is lost when the model is served."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
@@ -181,11 +185,10 @@ class BalanceConfig:
                 f"BalanceConfig.adaptive_min_coef={self.adaptive_min_coef!r} must be <= "
                 f"adaptive_max_coef={self.adaptive_max_coef!r}")
         _number("bias_update_rate", self.bias_update_rate, low=0)
-        if self.bias_absorb_coef is not None:
-            _number("bias_absorb_coef", self.bias_absorb_coef, low=0)
-        _number("handover_fraction", self.handover_fraction, low=0, high=1)
-        if (self.bias_absorb_coef or 0) > 0 and (not self.uses_bias or not self.ranks_logits):
-            raise ValueError(f"BalanceConfig.bias_absorb_coef={self.bias_absorb_coef!r} needs a bias in logit space "
+        if self.fold_share is not None:
+            _number("fold_share", self.fold_share, low=0, high=1)
+        if (self.fold_share or 0) > 0 and (not self.uses_bias or not self.ranks_logits):
+            raise ValueError(f"BalanceConfig.fold_share={self.fold_share!r} needs a bias in logit space "
                              f"(bias_update in {list(BIAS_UPDATES[1:])} with bias_space='logits', or 'auto' with "
                              f"'quantile'); got bias_update={self.bias_update!r}, bias_space={self.bias_space!r}")
         _number("bias_schedule_steps", self.bias_schedule_steps, low=0, integer=True)
@@ -230,15 +233,15 @@ class BalanceConfig:
         return self.aux_loss != "none"
 
     @property
-    def absorb_coef(self) -> float:
-        """``bias_absorb_coef`` resolved (None: 1e-3 with a bias in logit space, else 0)."""
-        if self.bias_absorb_coef is not None:
-            return self.bias_absorb_coef
-        return 1e-3 if self.uses_bias and self.ranks_logits else 0.0
+    def fold_share_resolved(self) -> float:
+        """``fold_share`` resolved (None: ``DEFAULT_FOLD_SHARE`` with a bias in logit space, else 0)."""
+        if self.fold_share is not None:
+            return float(self.fold_share)
+        return DEFAULT_FOLD_SHARE if self.uses_bias and self.ranks_logits else 0.0
 
     @property
     def uses_loss(self) -> bool:
-        return self.uses_aux or self.z_loss_coef > 0 or self.absorb_coef > 0
+        return self.uses_aux or self.z_loss_coef > 0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -260,9 +263,24 @@ class BalanceConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Fields of earlier versions and what replaced them (a saved state may still name them: see without_retired).
+RETIRED = {
+    "bias_absorb_coef": "the online fold (fold_share) moves the bias into the router weights directly",
+    "handover_fraction": "the online fold (fold_share) keeps the weights carrying the routing at every step, "
+                         "so nothing is handed over at the end",
+}
+
+
+def without_retired(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config without the fields of earlier versions (for states and fold records read back)."""
+    return {k: v for k, v in data.items() if k not in RETIRED}
+
+
 def _check_keys(data: Mapping[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(BalanceConfig)]
     for key in data:
+        if key in RETIRED:
+            raise ValueError(f"moe_balance config key {key!r} was removed: {RETIRED[key]}")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -289,5 +307,6 @@ def resolve_config(config: BalanceConfig | Mapping[str, Any] | None = None, **ov
     return base
 
 
-__all__ = ["BalanceConfig", "resolve_config", "resolved_bias_space", "read_deepspeed_entry", "AUX_LOSSES",
+__all__ = ["BalanceConfig", "resolve_config", "without_retired", "resolved_bias_space", "read_deepspeed_entry",
+           "AUX_LOSSES",
            "BIAS_UPDATES", "BIAS_SPACES", "BIAS_SCHEDULES"]

@@ -1,20 +1,16 @@
-"""Ship what was trained: make a patched model route, without moe-balance, as it did in training.
+"""Ship what was trained: a patched model routes, without moe-balance, as it did in training.
 
 Stock transformers, vLLM, SGLang and llama.cpp read only a checkpoint's weights and config. A selection
 bias survives there only where the architecture has a buffer for it (DeepSeek-V3's
-``e_score_correction_bias``, written back by the patch). For every other router the bias lives beside
-the checkpoint and is lost when the model is served. Two steps close that gap:
+``e_score_correction_bias``, written back by the patch). For every other router the online fold
+(:mod:`moe_balance.fold`, ``BalanceConfig.fold_share``) moves the bias into the router weights after every
+step, so the weights carry the routing throughout and a checkpoint saved at any step is what trained.
 
-* during training, ``BalanceConfig.bias_absorb_coef`` teaches the router weights the bias (the
-  controller's bias then shrinks toward what the weights cannot carry);
-* at the end, :func:`fold_bias` folds what is left into the router weights: into the router's own
-  linear bias where it has one (gpt-oss: exact), else by least squares of the constant bias on the
-  router inputs, ``dW = b (S^-1 mu)^T`` with ``mu``/``S`` the first and second moments of the inputs over a
-  calibration sample (a constant is well explained by post-norm hidden states). The bias is then zeroed,
-  so the patched model and the stock one route the same.
-
-:func:`save_pretrained` writes the folder plus ``moe_balance_fold.safetensors`` (what was folded, so the
-trained model can be rebuilt), and :func:`check_export` compares a saved folder loaded by stock
+This module handles what is left: :func:`fold_bias` folds a remaining bias (a run with ``fold_share < 1``
+or 0, layers whose inputs did not fit yet) along the online direction, or estimates one from calibration
+batches (conjugate gradients, one iteration per batch: ``L x d`` state, never ``d x d``);
+:func:`save_pretrained` writes the folder plus ``moe_balance_fold.safetensors`` (what was folded at the end,
+so the trained model can be rebuilt), and :func:`check_export` compares a saved folder loaded by stock
 transformers with the trained model: per-layer top-k agreement, loss and MaxVio both ways.
 ``moe_balance.unpatch`` is unchanged: folding is a separate, named step.
 """
@@ -35,8 +31,12 @@ import torch
 
 from . import stats
 from .balancer import load_state_file
-from .patching.api import patch_state_of
-from .patching.strategies import RouterSite, is_sharded
+from .config import without_retired
+from .fold import MIN_FIT, cg_step, input_statistics
+from .patching.api import folded_sites, patch_state_of
+from .patching.folding import fold_targets
+from .patching.strategies import RouterSite, full_shape
+from .weights import add_to_param
 
 FOLD_FILE = "moe_balance_fold.safetensors"
 STATE_FILE = "moe_balance.pt"  # what the integrations save beside a checkpoint
@@ -83,31 +83,28 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 class _Recorder:
-    """Per layer: chosen experts (with the mask) and, for folding, moments of the router's linear input."""
+    """Per layer: chosen experts (with the mask) and, with ``directions``, the fold's input statistics
+    (``moe_balance.fold.input_statistics`` against the current CG iterate ``v``/``p`` of that layer)."""
 
-    def __init__(self, moments: bool) -> None:
-        self.moments = moments
+    def __init__(self, directions: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.directions = directions
         self.selections: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-        self.linear: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.sums: dict[int, list[torch.Tensor]] = {}  # n, sum h, sum h h^T (fp64)
+        self.sums: dict[int, list[torch.Tensor]] = {}  # [3, D] sums and [2] scalars (fp64)
 
     def __call__(self, site: RouterSite, indices: torch.Tensor, linear_call: tuple | None) -> None:
         T = indices.reshape(-1, indices.shape[-1]).shape[0]
         mask = site.state.batch.mask_for(T)
         self.selections.setdefault(site.layer, []).append(
             (indices.reshape(T, -1).detach().cpu(), None if mask is None else mask.reshape(T).bool().cpu()))
-        if not self.moments or linear_call is None:
+        if self.directions is None or linear_call is None:
             return
-        x, weight, bias = linear_call
-        self.linear[site.layer] = (weight, bias)
-        h_TD = x.detach().reshape(-1, x.shape[-1]).double()
-        if mask is not None and h_TD.shape[0] == T:
-            h_TD = h_TD[mask.reshape(T).bool().to(h_TD.device)]
-        sums = self.sums.setdefault(site.layer, [h_TD.new_zeros(()), h_TD.new_zeros(h_TD.shape[-1]),
-                                                 h_TD.new_zeros(h_TD.shape[-1], h_TD.shape[-1])])
-        sums[0] += h_TD.shape[0]
-        sums[1] += h_TD.sum(0)
-        sums[2] += h_TD.T @ h_TD
+        x_TD = linear_call[0].detach().reshape(T, -1)
+        weight_T = torch.ones(T, device=x_TD.device) if mask is None else mask.reshape(T).to(x_TD.device).float()
+        v_LD, p_LD = self.directions
+        sums_3D, scalars_2 = input_statistics(x_TD, weight_T, v_LD[site.layer], p_LD[site.layer])
+        sums = self.sums.setdefault(site.layer, [torch.zeros_like(sums_3D), torch.zeros_like(scalars_2)])
+        sums[0] += sums_3D.to(sums[0].device)
+        sums[1] += scalars_2.to(sums[1].device)
 
 
 @torch.no_grad()
@@ -161,14 +158,9 @@ def agreement(before: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     return shares
 
 
-def _generic_sites(state: Any) -> list[RouterSite]:
-    """Routers whose bias lives only in the balancer (no native buffer carries it into the checkpoint)."""
-    return [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"]
-
-
 def _applied_sites(state: Any) -> list[RouterSite]:
     """Generic routers that apply a non-zero bias now: what stock transformers would not reproduce."""
-    return [s for s in _generic_sites(state) if bool(state.balancer.applied_bias(s.layer).abs().max() > 0)]
+    return [s for s in folded_sites(state) if bool(state.balancer.applied_bias(s.layer).abs().max() > 0)]
 
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
@@ -177,21 +169,47 @@ def _param_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: Iterable[Any] | None = None,
-              ridge: float = 1e-4) -> FoldReport:
-    """Fold the balancer's selection bias into the router weights of a patched ``model``, then zero it.
+def estimate_direction(model: torch.nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold direction ``a_LD`` and fit ``R^2`` per layer from calibration batches: one conjugate-gradient
+    iteration per batch (the estimator the online fold runs once per step), sums over the balancer's ranks
+    with one all-reduce per batch (every rank must call it with as many batches). ``L x d`` state."""
+    state = patch_state_of(model)
+    balancer = state.balancer
+    dims = {full_shape(t[0])[1] for t in (fold_targets(s) for s in folded_sites(state)) if t is not None}
+    if len(dims) != 1:
+        raise RuntimeError(f"moe_balance.export: the generic routers have no common [E, D] weight to fold into "
+                           f"(widths {sorted(dims)})")
+    L, D = balancer.num_layers, dims.pop()
+    home = balancer.bias_LE.device
+    v_LD, p_LD = (torch.zeros(L, D, dtype=torch.float64, device=home) for _ in range(2))
+    a_LD, fit_L = torch.zeros_like(v_LD), torch.zeros(L, dtype=torch.float64, device=home)
+    for batch in batches:
+        recorder = _Recorder((v_LD, p_LD))
+        _run(model, [batch], recorder)
+        sums_L3D = torch.zeros(L, 3, D, dtype=torch.float64, device=home)
+        scalars_L2 = torch.zeros(L, 2, dtype=torch.float64, device=home)
+        for layer, (sums_3D, scalars_2) in recorder.sums.items():
+            sums_L3D[layer], scalars_L2[layer] = sums_3D.to(home), scalars_2.to(home)
+        sums_L3D, scalars_L2 = balancer.reducer.sum_parts([sums_L3D, scalars_L2])
+        a_LD, fit_L = cg_step(v_LD, p_LD, sums_L3D, scalars_L2)
+    return a_LD, fit_L
+
+
+@torch.no_grad()
+def fold_bias(model: torch.nn.Module, batches: Iterable[Any] | None = None, *,
+              check_batches: Iterable[Any] | None = None) -> FoldReport:
+    """Fold the bias the generic routers of a patched ``model`` still apply into their weights, then zero it.
 
     Args:
         model: a model patched by :func:`moe_balance.patch` (or an integration).
-        batches: calibration batches (input-id tensors or dicts with ``input_ids``/``attention_mask``),
-            e.g. a few training batches; padding is left out. Only forwards run (no grad, nothing counted).
+        batches: calibration batches (input-id tensors or dicts with ``input_ids``/``attention_mask``), e.g. a
+            few training batches; padding is left out. Needed only where the online fold has no direction yet
+            (``fold_share=0``, a fresh patch with a saved state); every layer fits again on them then.
         check_batches: if given, the routing of these batches is recorded with the bias before the fold
             and without it after: ``report.agreement_L`` (per layer, 1.0 = identical choices).
-        ridge: relative ridge on the input second moment (times its mean eigenvalue).
 
-    Routers with a native bias buffer are left alone (their bias ships with the checkpoint already).
-    Works on whole (unsharded) weights: under ZeRO-3 or FSDP2, fold after gathering the model (e.g. on
-    the saved checkpoint loaded again, patched with the saved balancer state).
+    Routers with a native bias buffer are left alone (their bias ships with the checkpoint already). Sharded
+    weights (ZeRO-3, FSDP2) are edited shard by shard (:mod:`moe_balance.weights`).
     """
     state = patch_state_of(model)
     if state is None:
@@ -209,121 +227,101 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any], *, check_batches: 
     check_batches = list(check_batches) if check_batches is not None else None
     before = None
     if check_batches is not None:
-        rec = _Recorder(moments=False)
+        rec = _Recorder()
         _run(model, check_batches, rec)
         before = _selections(rec)
-    recorder = _Recorder(moments=True)
-    _run(model, batches, recorder)
-    for site in sites:
-        if site.layer not in recorder.sums:
-            raise RuntimeError(f"moe_balance.export.fold_bias: router {site.name} ran no linear over "
-                               f"{site.num_experts} outputs in the calibration batches; cannot fold its bias")
-    # Every data-parallel rank folds the same delta: the moments are summed over the balancer's group (one
-    # all-reduce, in layer order; every rank must call fold_bias).
-    parts = [t for site in sites for t in recorder.sums[site.layer]]
-    for part, total in zip(parts, balancer.reducer.sum_parts(parts)):
-        part.copy_(total)
+    online = balancer.router_dim is not None and all(
+        bool(balancer.fold_fit_L[s.layer] >= MIN_FIT) for s in sites)
+    if online:
+        a_LD, fit_L = balancer.fold_a_LD, balancer.fold_fit_L
+    else:
+        if batches is None:
+            raise ValueError("moe_balance.export.fold_bias: no online fold direction for every router (fold_share=0 "
+                             "or too few steps); give calibration batches=")
+        a_LD, fit_L = estimate_direction(model, batches)
     names = _param_names(model)
     for site in sites:
-        weight, lin_bias = recorder.linear[site.layer]
-        for tensor in (weight, lin_bias):
-            if tensor is not None and is_sharded(tensor):
-                raise RuntimeError(f"moe_balance.export.fold_bias: router {site.name} is sharded (ZeRO-3 or FSDP2); "
-                                   "fold on the gathered model (save it, load it whole, patch with the saved state)")
-        bias_E = balancer.applied_bias(site.layer).detach().float().clone()
-        n, sum_D, sum_DD = recorder.sums[site.layer]
-        report.tokens = max(report.tokens, int(n))
+        targets = fold_targets(site)
+        if targets is None:
+            raise RuntimeError(f"moe_balance.export.fold_bias: router {site.name} has no [E, D] weight to fold into")
+        weight, lin_bias = targets
+        bias_E = balancer.applied_bias(site.layer).detach().double().clone()
         if lin_bias is not None:  # exact: the router's own constant
-            lin_bias.add_(bias_E.to(lin_bias.device, lin_bias.dtype))
-            report.layers[site.layer] = LayerFold(site.name, names.get(id(lin_bias), "?"), bias_E.cpu(), None, 1.0)
+            add_to_param(lin_bias, bias_E)
+            report.layers[site.layer] = LayerFold(site.name, names.get(id(lin_bias), "?"), bias_E.float().cpu(),
+                                                  None, 1.0)
         else:
-            mu_D = sum_D / n.clamp_min(1)
-            S_DD = sum_DD / n.clamp_min(1)
-            lam = ridge * float(torch.diagonal(S_DD).mean())
-            a_D = torch.linalg.solve(S_DD + lam * torch.eye(S_DD.shape[0], dtype=S_DD.dtype, device=S_DD.device),
-                                     mu_D)
-            r2 = float(mu_D @ a_D)  # uncentred R^2 of regressing 1 on h
-            delta_ED = bias_E.double().to(a_D.device)[:, None] * a_D[None, :]
-            weight.add_(delta_ED.to(weight.device, weight.dtype))
-            report.layers[site.layer] = LayerFold(site.name, names.get(id(weight), "?"), bias_E.cpu(),
-                                                  a_D.float().cpu(), r2)
+            a_D = a_LD[site.layer].to(bias_E.device)
+            add_to_param(weight, bias_E[:, None] * a_D[None, :])
+            report.layers[site.layer] = LayerFold(site.name, names.get(id(weight), "?"), bias_E.float().cpu(),
+                                                  a_D.float().cpu(), float(fit_L[site.layer]))
         balancer.bias_LE[site.layer].zero_()
     for callback in balancer.step_callbacks:
         callback(balancer)
     if check_batches is not None:
-        rec = _Recorder(moments=False)
+        rec = _Recorder()
         _run(model, check_batches, rec)
         report.agreement_L = agreement(before, _selections(rec))
     balancer.fold_report = report
     return report
 
 
-def plan_handover(model: torch.nn.Module, total_steps: int) -> tuple[int, int] | None:
-    """Start the configured hand-over over ``total_steps`` (integrations call this at train begin). Not with
-    absorption off (nothing would carry the routing once the bias is gone), nor where the generic routers
-    cannot learn: frozen routers (LoRA, ``requires_grad=False``) keep the bias to the
-    end and the fold at the end ships it instead (warned once)."""
+def ship(model: torch.nn.Module, batches: Iterable[Any] | None, limit: int | None = None) -> dict[str, float]:
+    """End of training, for the integrations: fold whatever bias the generic routers still apply (nothing with
+    the default ``fold_share=1`` once every layer fits) and measure, on up to ``limit`` of ``batches`` (e.g. the
+    training dataloader; None: no measurement), the balance the shipped routing gives.
+
+    Returns ``topk_agreement`` (lowest per-layer share of tokens routed the same with the bias as trained and
+    without it as shipped; 1.0 when no bias was left), ``maxvio_served`` (mean over layers of MaxVio on those
+    batches as the saved model routes them in stock transformers) and ``maxvio_trained`` (the same batches
+    with the bias the controller had, before any end fold)."""
     state = patch_state_of(model)
     balancer = state.balancer
-    if balancer.config.handover_fraction == 0 or balancer.config.absorb_coef == 0:
-        return None  # without absorption nothing would carry the routing once the bias is gone
-    frozen = [s.name for s in _generic_sites(state) if not any(p.requires_grad for p in s.module.parameters())]
-    if frozen:
-        warnings.warn(f"moe_balance: {len(frozen)} routers are frozen (e.g. {frozen[0]}): they cannot learn the bias, "
-                      "so there is no hand-over; the bias is folded into their weights at the end instead",
-                      RuntimeWarning, stacklevel=2)
-        return None
-    return balancer.hand_over(total_steps)
-
-
-@contextmanager
-def as_stock(balancer: Any) -> Iterator[None]:
-    """Route as the saved model will in stock transformers: generic routers apply no bias inside the block
-    (a zero bias is bit-identical to the unpatched router); native bias buffers stay, as they ship."""
-    saved = balancer.bias_scale.clone()
-    balancer.bias_scale.zero_()
-    try:
-        yield
-    finally:
-        balancer.bias_scale.copy_(saved)
-
-
-def ship(model: torch.nn.Module, batches: Iterable[Any] | None, limit: int | None = None) -> float:
-    """End of training, for the integrations: fold whatever bias the generic routers still apply (nothing
-    after a full hand-over) and return the lowest per-layer top-k agreement of the unbiased routing with
-    the trained one (1.0 when no bias is applied: the patched model then routes exactly as stock).
-    ``batches`` (e.g. the training dataloader; only read when there is something to fold, at most ``limit``
-    of them) fit the fold on one half and measure agreement on the other; None where the trainer has none
-    (NaN returned, warned)."""
-    state = patch_state_of(model)
-    balancer = state.balancer
-    applied = _applied_sites(state)
-    if not applied:
-        return 1.0
-    if not balancer.config.ranks_logits:
-        warnings.warn(f"moe_balance: the bias of bias_update={balancer.config.bias_update!r} is added to probabilities "
-                      "(bias_space='scores') and cannot be folded into router weights; the saved model will not "
-                      "route as trained. Use bias_space='logits' (the quantile default) to ship it",
-                      RuntimeWarning, stacklevel=2)
-        return math.nan
-    if any(is_sharded(p) for site in applied for p in site.module.parameters()):
-        warnings.warn("moe_balance: the routers are sharded (ZeRO-3 / FSDP2) and still apply a bias, which cannot be "
-                      "folded here; use handover_fraction (nothing to fold at the end), or fold the saved model: "
-                      "load it whole, patch with its moe_balance.pt, moe_balance.export.fold_bias",
-                      RuntimeWarning, stacklevel=2)
-        return math.nan
     usable = []
     for batch in itertools.islice(batches or [], limit):
         try:
             usable.append(_as_inputs(batch))
         except TypeError:  # e.g. DPO's lists of prompt/chosen/rejected: nothing to route as is
             continue
-    if not usable:
-        warnings.warn("moe_balance: no training batches to fold the remaining bias with; the saved model will not "
-                      "route as trained (call moe_balance.export.fold_bias)", RuntimeWarning, stacklevel=2)
-        return math.nan
-    report = fold_bias(model, usable[::2], check_batches=usable[1::2] or None)
-    return report.min_agreement if report.min_agreement is not None else math.nan
+    out = {"topk_agreement": 1.0, "maxvio_trained": math.nan, "maxvio_served": math.nan}
+    if usable:
+        out["maxvio_trained"] = _mean(routing_report(model, usable)["maxvio_L"])
+    applied = _applied_sites(state)
+    if applied:
+        if not balancer.config.ranks_logits:
+            warnings.warn(f"moe_balance: the bias of bias_update={balancer.config.bias_update!r} is added to "
+                          "probabilities (bias_space='scores') and cannot be folded into router weights; the saved "
+                          "model will not route as trained. Use bias_space='logits' (the quantile default) to ship it",
+                          RuntimeWarning, stacklevel=2)
+            out["topk_agreement"] = math.nan
+            return out
+        try:
+            report = fold_bias(model, usable[::2] or None, check_batches=usable[1::2] or None)
+        except ValueError as error:
+            warnings.warn(f"moe_balance: the remaining bias was not folded ({error}); the saved model will not "
+                          "route as trained", RuntimeWarning, stacklevel=2)
+            out["topk_agreement"] = math.nan
+            return out
+        out["topk_agreement"] = report.min_agreement if report.min_agreement is not None else math.nan
+    if usable:
+        out["maxvio_served"] = _mean(routing_report(model, usable)["maxvio_L"])
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+@contextmanager
+def as_stock(balancer: Any) -> Iterator[None]:
+    """Route as the saved model will in stock transformers: generic routers apply no bias (a zero bias is
+    bit-identical to the unpatched router); native bias buffers are not touched, as they ship."""
+    saved = balancer.bias_LE.clone()
+    balancer.bias_LE.zero_()
+    try:
+        yield
+    finally:
+        balancer.bias_LE.copy_(saved)
 
 
 def fold_tensors(report: FoldReport) -> dict[str, torch.Tensor]:
@@ -395,7 +393,7 @@ def unfold(model: torch.nn.Module, layers: Mapping[int, LayerFold]) -> None:
 def routing_report(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
     """Loss and chosen experts of a patched ``model`` on ``batches`` (nothing is counted or moved)."""
     state = patch_state_of(model)
-    rec = _Recorder(moments=False)
+    rec = _Recorder()
     losses = _run(model, batches, rec)
     selections = _selections(rec)
     E = state.sites[0].num_experts
@@ -429,13 +427,14 @@ def check_export(folder: str | Path, batches: Iterable[Any], *, trained: torch.n
         trained = auto_class.from_pretrained(str(folder))
         if record is not None:  # shipped: undo the fold, put the folded bias back
             layers, config = record
+            config = without_retired(config)
             unfold(trained, layers)
             balancer = mb.patch(trained, config, selftest=False)
             for layer, fold in layers.items():
                 balancer.bias_LE[layer].copy_(fold.bias_E)
         else:  # a checkpoint saved with its balancer state but not shipped: the bias as it was
             saved = load_state_file(state_path)
-            mb.patch(trained, saved["_extra_state"]["config"], state=saved, selftest=False)
+            mb.patch(trained, without_retired(saved["_extra_state"]["config"]), state=saved, selftest=False)
         trained_run = routing_report(trained, batches)
         mb.unpatch(trained)
     else:
@@ -477,6 +476,7 @@ def text_batches(folder: str | Path, files: list[str | Path] | None = None, *, b
     return list(windows.split(batch_size))
 
 
-__all__ = ["fold_bias", "ship", "as_stock", "plan_handover", "text_batches", "save_pretrained", "write_fold_record",
+__all__ = ["fold_bias", "estimate_direction", "ship", "as_stock", "text_batches", "save_pretrained",
+           "write_fold_record",
            "check_export", "read_fold", "unfold", "agreement", "routing_report", "FoldReport", "LayerFold",
            "FOLD_FILE"]

@@ -13,8 +13,7 @@ BAD_VALUES = {
     "aux_loss": ["swtich", 3],
     "aux_loss_coef": [-1.0, float("nan"), "0.1"],
     "z_loss_coef": [-1e-3, float("inf")],
-    "bias_absorb_coef": [-1e-2, float("nan")],
-    "handover_fraction": [-0.1, 1.5, "0.3"],
+    "fold_share": [-0.1, 1.5, "0.3", float("nan")],
     "score_func": ["relu"],
     "adaptive_aux": ["yes"],
     "adaptive_target_maxvio": [-0.1],
@@ -86,3 +85,19 @@ def test_resolve_config_merges_keywords_and_checks_keys():
     assert (cfg.aux_loss, cfg.z_loss_coef) == ("switch", 1e-3)
     with pytest.raises(ValueError, match="did you mean 'z_loss_coef'"):
         mb.resolve_config(None, zloss_coef=1e-3)
+
+
+def test_retired_keys_say_what_replaced_them_and_saved_configs_drop_them():
+    for key in ("bias_absorb_coef", "handover_fraction"):
+        with pytest.raises(ValueError, match=f"{key}.*removed.*fold_share"):
+            mb.BalanceConfig.from_dict({key: 0.3})
+    saved = {**mb.BalanceConfig().to_dict(), "handover_fraction": 0.3, "bias_absorb_coef": None}
+    assert mb.BalanceConfig.from_dict(mb.config.without_retired(saved)) == mb.BalanceConfig()
+
+
+def test_fold_share_needs_a_bias_in_logit_space():
+    assert mb.BalanceConfig().fold_share_resolved == 0.1
+    assert mb.BalanceConfig(bias_update="sign").fold_share_resolved == 0.0  # a bias on probabilities
+    assert mb.BalanceConfig(bias_update="sign", bias_space="logits").fold_share_resolved == 0.1
+    with pytest.raises(ValueError, match="fold_share=0.5 needs a bias in logit space"):
+        mb.BalanceConfig(bias_update="sign", fold_share=0.5)

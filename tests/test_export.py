@@ -1,4 +1,4 @@
-"""Shipping what was trained: absorption, hand-over and the fold (moe_balance.export)."""
+"""Shipping what was trained: the online fold (moe_balance.fold) and the end fold (moe_balance.export)."""
 
 from __future__ import annotations
 
@@ -27,71 +27,124 @@ def _random_bias(balancer, scale: float, seed: int = 0) -> None:
     balancer.bias_LE.copy_(bias - bias.mean(-1, keepdim=True))
 
 
-def test_absorption_gradient_is_minus_coef_times_bias_per_real_token():
-    bal = mb.Balancer(num_layers=1, num_experts=4, top_k=2, bias_absorb_coef=0.5)
-    bal.bias_LE[0] = torch.tensor([0.3, -0.1, -0.4, 0.2])
-    logits = torch.randn(6, 4, requires_grad=True)
-    mask = torch.tensor([1, 1, 0, 1, 1, 0])
-    idx = (logits.detach().log_softmax(-1) + bal.bias_LE[0]).topk(2).indices
-    bal.observe(0, logits, idx, mask=mask, selection_scores=logits.detach().log_softmax(-1))
-    bal.loss().backward()
-    expected = -0.5 * bal.bias_LE[0][None, :] * mask[:, None].float() / mask.sum()
-    torch.testing.assert_close(logits.grad, expected)
+def _train_steps(model, balancer, data, optimizer=None) -> None:
+    for ids in data:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad()
+        balancer.step()
 
 
-def test_absorption_needs_a_bias_in_logit_space():
-    with pytest.raises(ValueError, match="bias_absorb_coef"):
-        mb.BalanceConfig(bias_update="sign", bias_absorb_coef=1e-2)  # sign adds its bias to probabilities
-    mb.BalanceConfig(bias_update="sign", bias_space="logits", bias_absorb_coef=1e-2)
-    with pytest.raises(ValueError, match="handover_fraction"):
-        mb.BalanceConfig(handover_fraction=1.5)
+def test_cg_direction_reaches_the_least_squares_fold():
+    """One CG iteration per step on that step's sums: on a fixed population it reaches v = (S + lam)^-1 mu,
+    and a = v / (mu . v) shifts the mean logit by exactly the bias."""
+    from moe_balance.fold import RIDGE, cg_step, input_statistics
+    gen = torch.Generator().manual_seed(0)
+    D, T = 24, 512
+    x = torch.randn(T, D, generator=gen) * 0.5 + torch.linspace(-1, 2, D)  # inputs with a mean
+    w = torch.ones(T)
+    v, p = torch.zeros(1, D, dtype=torch.float64), torch.zeros(1, D, dtype=torch.float64)
+    for _ in range(2 * D):
+        sums, scalars = input_statistics(x, w, v[0], p[0])
+        a, fit = cg_step(v, p, sums[None], scalars[None])
+    xd = x.double()
+    S, mu = xd.T @ xd / T, xd.mean(0)
+    lam = RIDGE * torch.diagonal(S).mean()
+    exact = torch.linalg.solve(S + lam * torch.eye(D, dtype=torch.float64), mu)
+    torch.testing.assert_close(v[0], exact, rtol=2e-3, atol=1e-5)  # fp32 sums per call
+    assert float(fit[0]) == pytest.approx(float(mu @ exact), rel=1e-4)
+    assert float((xd @ a[0]).mean()) == pytest.approx(1.0, abs=1e-5)  # the mean shift is the bias itself
 
 
-def test_hand_over_ramps_the_applied_bias_and_resumes_exactly():
-    frozen = dict(bias_update="sign", bias_update_rate=0.0, handover_fraction=0.5)  # the bias itself stays
-    bal = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
-    bal.bias_LE[0] = torch.tensor([0.3, -0.1, -0.4, 0.2])
-    assert bal.hand_over(8) == (4, 8)
-    scales = []
-    for _ in range(8):
-        scales.append(float(bal.bias_scale))
-        bal.step()
-    assert scales == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]  # steps 0..7; after the 8th: 0
-    assert float(bal.bias_scale) == 0 and bool((bal.applied_bias(0) == 0).all())
-    resumed = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
-    bal2 = mb.Balancer(num_layers=1, num_experts=4, top_k=2, **frozen)
-    for _ in range(6):
-        bal2.step()
-    bal2.hand_over(8)
-    resumed.load_state_dict(bal2.state_dict())
-    assert resumed.handover == (4, 8) and float(resumed.bias_scale) == 0.5
-    with pytest.raises(ValueError, match="total_steps"):
-        bal.hand_over(0)
+def test_input_statistics_skip_padding_and_non_finite_rows():
+    from moe_balance.fold import input_statistics
+    x = torch.randn(6, 4)
+    x[2] = float("nan")
+    w = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    v, p = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    sums, scalars = input_statistics(x, w, v, p)
+    kept = x[w > 0]
+    sums_kept, scalars_kept = input_statistics(kept, torch.ones(len(kept)), v, p)
+    torch.testing.assert_close(sums, sums_kept) and torch.testing.assert_close(scalars, scalars_kept)
+    assert bool(torch.isfinite(sums).all())
 
 
-def test_patched_model_after_hand_over_is_bit_identical_to_stock():
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_online_fold_moves_the_share_into_the_router_and_off_the_bias(model_type):
+    """After each step fold_share of the bias moves into the router (gpt-oss: into its linear bias, exactly);
+    with share 1 the next forward applies no bias: the patched model is the stock one."""
+    model = tiny_model(model_type, vocab_size=256, experts=8)
+    bal = mb.patch(model, fold_share=1.0)
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if "router" in n or "mlp.gate" in n}
+    _train_steps(model, bal, _ids(4, n=3))
+    assert bal.metrics()["fold_fit"] > 0.05
+    assert bool((bal.bias_LE == 0).all())  # all of it moved (quantile priced a non-zero bias every step)
+    moved = [n for n, p in model.named_parameters() if n in routers and not torch.equal(p, routers[n])]
+    if model_type == "gpt_oss":
+        assert moved and all(n.endswith("router.bias") for n in moved)
+    else:
+        assert len(moved) == bal.num_layers
+    _train_steps(model, bal, _ids(5, n=1))
+    assert bal.last_window["differ_L"].sum() == 0 and bal.metrics()["routing_differ"] == 0.0
+    mb.unpatch(model)
+
+
+def test_fold_share_zero_never_touches_the_weights_and_the_default_keeps_most_of_the_bias():
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
-    ids = _ids(1, n=1)[0]
-    with torch.no_grad():
-        stock = model(input_ids=ids).logits
-    bal = mb.patch(model, handover_fraction=1.0, bias_absorb_coef=1e-2)
-    _random_bias(bal, 2.0)
-    with torch.no_grad():
-        biased = model(input_ids=ids).logits
-    bal.hand_over(1)
-    bal.step()
-    _random_bias(bal, 2.0)  # the controller's price stays; only what is applied goes
-    with torch.no_grad():
-        handed = model(input_ids=ids).logits
-    assert not torch.equal(biased, stock)
-    assert torch.equal(handed, stock)
+    before = [p.detach().clone() for p in model.parameters()]
+    bal = mb.patch(model, fold_share=0.0)
+    assert bal.router_dim is None and not bal.post_step_hooks
+    _train_steps(model, bal, _ids(4, n=3))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert bal.metrics()["routing_differ"] > 0  # the bias alone routes: stock would differ
+    mb.unpatch(model)
+    bal = mb.patch(model)  # default: a tenth per step
+    _train_steps(model, bal, _ids(4, n=3))
+    assert bal.config.fold_share_resolved == 0.1 and bal.bias_LE.abs().max() > 0
+    mb.unpatch(model)
+
+
+def test_fold_state_resumes_exactly_and_accumulation_equals_one_batch():
+    """The CG state (v, p, a, fit) is in the balancer's state dict; four micro-batches give the same fold
+    statistics as one batch of all their rows."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    big = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    big.load_state_dict(model.state_dict())
+    bal, bal_big = mb.patch(model, fold_share=1.0), mb.patch(big, fold_share=1.0)
+    data = _ids(6, n=8, B=2)
+    for step in range(2):
+        micro = data[4 * step:4 * step + 4]
+        for ids in micro:
+            model(input_ids=ids, labels=ids).loss.backward()
+        big(input_ids=torch.cat(micro), labels=torch.cat(micro)).loss.backward()
+        bal.step(), bal_big.step()
+        model.zero_grad(), big.zero_grad()
+    for name in ("fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L"):
+        torch.testing.assert_close(getattr(bal, name), getattr(bal_big, name), rtol=1e-4, atol=1e-7)
+    resumed = mb.Balancer(num_layers=bal.num_layers, num_experts=8, top_k=2, router_dim=bal.router_dim,
+                          fold_share=1.0)
+    resumed.load_state_dict(bal.state_dict())
+    for name in ("fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L", "bias_LE"):
+        assert torch.equal(getattr(resumed, name), getattr(bal, name))
+    mb.unpatch(model), mb.unpatch(big)
+
+
+def test_a_router_without_one_weight_is_refused_with_the_way_out():
+    from moe_balance.patching.folding import fold_targets
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    bal = mb.patch(model)
+    site = mb.patching.patch_state_of(model).sites[0]
+    weight, bias = fold_targets(site)
+    assert tuple(weight.shape) == (8, bal.router_dim) and bias is None
     mb.unpatch(model)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 def test_fold_keeps_the_trained_choice_and_check_export_rebuilds_it(model_type, tmp_path):
     model = tiny_model(model_type, vocab_size=256, experts=8)
-    bal = mb.patch(model)
+    bal = mb.patch(model, fold_share=0.0)  # no online direction: fold_bias estimates one from the batches
     _random_bias(bal, 0.5)
     data = _ids(2, n=8)
     trained = export.routing_report(model, data[4:])
@@ -116,7 +169,7 @@ def test_fold_keeps_the_trained_choice_and_check_export_rebuilds_it(model_type, 
 
 def test_fold_into_a_router_bias_is_exact():
     model = tiny_model("gpt_oss", vocab_size=256, experts=8)
-    bal = mb.patch(model)
+    bal = mb.patch(model, fold_share=0.0)
     _random_bias(bal, 1.0)
     data = _ids(3, n=4)
     report = export.fold_bias(model, data[:2], check_batches=data[2:])
@@ -184,13 +237,18 @@ def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(mode
     train, _ = stdlib_corpus(max_bytes=300_000)
     model = tiny_model(model_type, vocab_size=256, experts=8)
     skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
-    callback = MoEBalanceCallback(heatmap_every=0)  # defaults: absorption, hand-over over the last 30%
+    callback = MoEBalanceCallback(heatmap_every=0)  # defaults: the online fold, the remainder folded at the end
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=8,
                              learning_rate=1e-3, logging_steps=20, report_to=[], use_cpu=True, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 512), callbacks=[callback])
     trainer.train()
-    assert callback.export_agreement == 1.0
-    assert any("moe_balance/export_topk_agreement" in row for row in trainer.state.log_history)
+    # the remainder (what the last steps' fold had not moved yet) is folded along a: routed as trained up to
+    # the fit of a on these tiny random-init models
+    assert 0.5 < callback.export_agreement <= 1.0
+    logged = next(row for row in trainer.state.log_history if "moe_balance/export_maxvio_served" in row)
+    assert logged["moe_balance/export_topk_agreement"] == callback.export_agreement
+    assert logged["moe_balance/export_maxvio_served"] < 1.5 * logged["moe_balance/export_maxvio_trained"] + 0.1
+    assert bool((callback.balancer.bias_LE == 0).all())
     data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
     trained = export.routing_report(model, data)
     trainer.save_model(str(tmp_path / "saved"))
@@ -200,18 +258,17 @@ def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(mode
     assert abs(stock["maxvio"] - trained_maxvio) < 1e-3 + 0.01 * trained_maxvio
 
 
-def test_lightning_hand_over_ships_the_trained_routing(tmp_path):
-    """Lightning: the hand-over spans the last share of estimated_stepping_batches; at the end the patched
-    model applies no bias, so what is saved is what was trained."""
+def test_lightning_ships_the_trained_routing(tmp_path):
+    """Lightning: the online fold runs after every step; at the end the remainder is folded and the export
+    metrics reach the loggers, so what is saved is what was trained."""
     from moe_balance.integrations.lightning import MoEBalanceCallback
     from tests.lightning_helpers import CausalLM, loader, skewed_model, trainer
 
     model = skewed_model()
-    callback = MoEBalanceCallback(bias_absorb_coef=3e-2, handover_fraction=0.5, heatmap_every=0)
+    callback = MoEBalanceCallback(heatmap_every=0)
     trainer(tmp_path, max_steps=12, callbacks=[callback]).fit(CausalLM(model), loader(n=96))
-    assert callback.balancer.handover == (6, 12) and float(callback.balancer.bias_scale) == 0.0
-    assert callback.balancer.bias_LE.abs().max() > 0  # the controller still prices; nothing is applied
-    assert callback.export_agreement == 1.0
+    assert callback.balancer.metrics()["fold_fit"] > 0.05
+    assert bool((callback.balancer.bias_LE == 0).all()) and 0.5 < callback.export_agreement <= 1.0
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
@@ -226,7 +283,7 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     train, _ = stdlib_corpus(max_bytes=300_000)
     model = tiny_model(model_type, vocab_size=256, experts=8)
     skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
-    callback = MoEBalanceCallback(handover_fraction=0.0, heatmap_every=0)  # no hand-over: the fold ships the bias
+    callback = MoEBalanceCallback(fold_share=0.0, heatmap_every=0)  # no online fold: the end fold ships the bias
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=20, per_device_train_batch_size=8,
                              learning_rate=1e-3, logging_steps=10, report_to=[], use_cpu=True, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(train, 64, 256), callbacks=[callback])
@@ -248,48 +305,23 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     assert check["topk_agreement_min"] > 0.5
 
 
-def test_plan_handover_skips_frozen_routers_and_rules_without_absorption():
-    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
-    bal = mb.patch(model)  # defaults: quantile in logit space, absorption 1e-3, hand-over over the last 30%
-    assert bal.config.absorb_coef == 1e-3 and export.plan_handover(model, 100) == (70, 100)
-    for site in mb.patching.patch_state_of(model).sites:
-        site.module.requires_grad_(False)  # LoRA: the routers cannot learn the bias
-    bal.hand_over(100, 0.0)
-    with pytest.warns(RuntimeWarning, match="frozen"):
-        assert export.plan_handover(model, 100) is None
-    assert bal.handover is None and float(bal.bias_scale) == 1.0
-    mb.unpatch(model)
-    bal = mb.patch(model, bias_update="sign")  # a bias on probabilities: no absorption, so no hand-over
-    assert bal.config.absorb_coef == 0 and export.plan_handover(model, 100) is None
-    mb.unpatch(model)
-
-
-def test_deepspeed_entry_reads_the_run_length_from_its_scheduler(tmp_path):
-    from moe_balance.integrations.deepspeed import _load_config, _total_steps
-    config = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 500, "warmup_num_steps": 10}}}
-    assert _total_steps(config) == 500
-    (tmp_path / "ds.json").write_text(json.dumps(config))
-    assert _total_steps(_load_config(str(tmp_path / "ds.json"))) == 500
-    assert _total_steps({"train_batch_size": 8}) is None and _total_steps(None) is None
-
-
 def test_plain_loop_ships_with_the_explicit_calls(tmp_path):
-    """A plain loop: plan_handover before, ship and save_pretrained after; stock transformers in a fresh
-    process routes the saved folder exactly as the trained model."""
+    """A plain loop: ship and save_pretrained after; stock transformers in a fresh process routes the saved
+    folder exactly as the trained model."""
     from moe_balance.testing import batches, skew_routers, stdlib_corpus
 
     train, _ = stdlib_corpus(max_bytes=300_000)
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     skew_routers(model, train[:512].reshape(8, 64), strength=3.0)
     balancer = mb.patch(model, attach_loss=True)
-    assert export.plan_handover(model, 30) == (21, 30)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stream = batches(train, 8, 64, seed=0)
     for _ in range(30):
         ids = next(stream)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step(), optimizer.zero_grad(), balancer.step()
-    assert export.ship(model, [next(stream) for _ in range(4)]) == 1.0  # nothing left to fold
+    shipped = export.ship(model, [next(stream) for _ in range(4)])
+    assert 0.5 < shipped["topk_agreement"] <= 1.0 and bool((balancer.bias_LE == 0).all())
     data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
     trained = export.routing_report(model, data)
     export.save_pretrained(model, tmp_path / "saved")
@@ -297,7 +329,8 @@ def test_plain_loop_ships_with_the_explicit_calls(tmp_path):
     assert abs(stock["loss"] - trained["loss"]) < 1e-4
     assert abs(stock["maxvio"] - sum(trained["maxvio_L"]) / len(trained["maxvio_L"])) < 1e-3
     check = export.check_export(tmp_path / "saved", data)
-    assert check["topk_agreement_L"] == [1.0, 1.0] and abs(check["loss_diff"]) < 1e-5
+    # rebuilt from the fold record: the trained model (its remainder put back) against the shipped one
+    assert min(check["topk_agreement_L"]) > 0.5 and abs(check["loss_diff"]) < 0.05
 
 
 def test_native_bias_ships_bit_exact(tmp_path):

@@ -116,17 +116,19 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(resumed_cb.balancer.bias_LE, full_cb.balancer.bias_LE)
 
 
-def test_resume_inside_the_hand_over_continues_exactly(tmp_path):
-    """Default rule with absorption; the hand-over spans steps 5-20 and the run resumes at step 10, inside it."""
-    config = dict(handover_fraction=0.75)
+def test_resume_with_the_online_fold_continues_exactly(tmp_path):
+    """Default rule with the online fold (router weights edited after every step, CG state in the balancer);
+    the run resumes at step 10 from the checkpoint's weights and balancer state and continues bit-exactly."""
+    config = dict(fold_share=0.5)
     full_losses, _, full_cb = _run(tmp_path, "full", config=config)
     resumed_losses, _, resumed_cb = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-10"),
                                          config=config)
-    assert full_cb.balancer.handover == resumed_cb.balancer.handover == (5, 20)
+    assert full_cb.balancer.metrics()["fold_fit"] > 0.05
     for step in range(11, 21):
         assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
     assert torch.equal(resumed_cb.trained_bias_LE, full_cb.trained_bias_LE)
-    assert float(resumed_cb.balancer.bias_scale) == 0.0 and resumed_cb.export_agreement == 1.0
+    assert torch.equal(resumed_cb.balancer.fold_a_LD, full_cb.balancer.fold_a_LD)
+    assert resumed_cb.export_agreement == full_cb.export_agreement
 
 
 def test_deepspeed_entry_is_read_and_conflicts_refused(tmp_path):

@@ -349,9 +349,9 @@ def test_grpo_default_rule_balances_counting_only_training_forwards(tiny):
     control.train()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        # The rule itself, patched (no hand-over: 4 steps are too few for the router to learn the bias;
-        # shipping is tested in tests/test_export.py)
-        trainer, cb, probe = _grpo(tiny, cb_fields={"handover_fraction": 0.0}, beta=0.04, num_iterations=2)
+        # The rule itself, patched (no online fold: the bias alone is measured; shipping is tested in
+        # tests/test_export.py)
+        trainer, cb, probe = _grpo(tiny, cb_fields={"fold_share": 0.0}, beta=0.04, num_iterations=2)
         assert not trainer.aux_loss_enabled  # GRPO sets it before on_init_end: off at construction already
         ref_forwards = []
         trainer.ref_model.register_forward_hook(lambda *a: ref_forwards.append(torch.is_grad_enabled()))
@@ -408,7 +408,7 @@ def test_dpo_default_rule_balances_without_reference_forwards(tiny):
     control.train()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer, cb, probe = _dpo(tiny, handover_fraction=0.0)  # the rule, patched: 4 steps are too few to hand over
+        trainer, cb, probe = _dpo(tiny, fold_share=0.0)  # the rule alone, patched (shipping: tests/test_export.py)
         ref_forwards = []
         trainer.ref_model.register_forward_hook(lambda *a: ref_forwards.append(1))
         trainer.train()

@@ -15,8 +15,9 @@ from ..balancer import Balancer
 from ..config import BalanceConfig, resolve_config
 from . import registry
 from ..balancer import load_state_file
+from .folding import FoldIntoRouters, fold_targets
 from .strategies import (STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias,
-                         gathered, read_native, write_native)
+                         full_shape, gathered, read_native, write_native)
 
 _ATTR = "_moe_balance"
 _CLASS_CACHE: dict[tuple[str, type], type] = {}
@@ -126,15 +127,16 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         warnings.warn(f"moe_balance: model_type {model_type!r} is patched by auto-detection but not verified bit-exact "
                       f"here ({registry.UNVERIFIED[model_type]}); check outputs once with a zero bias", UserWarning,
                       stacklevel=2)
+    modules = dict(model.named_modules())
+    router_dim = _fold_router_dim(cfg, usable, modules, num_experts)
     balancer = Balancer(cfg, num_layers=len(usable), num_experts=num_experts, top_k=top_k,
-                        process_group=process_group)
+                        process_group=process_group, router_dim=router_dim)
     # A first guess only: the balancer follows the routers' device at their first call (Balancer._follow).
     # Offloaded weights (accelerate's cpu/disk offload) sit on meta until their hooks load them.
     devices = [p.device for p in model.parameters() if p.device.type != "meta"]
     if devices:
         balancer.to(devices[0])
     patch_state = PatchState(balancer=balancer, attach_loss=attach_loss)
-    modules = dict(model.named_modules())
     for layer, info in enumerate(usable):
         module = modules[info["name"]]
         site = RouterSite(info["name"], layer, module, type(module), info["strategy"], num_experts, top_k,
@@ -155,8 +157,8 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
                     balancer.bias_LE[layer].copy_(native_now.float().reshape(-1))
         patch_state.sites.append(site)
     native_sites = [s for s in patch_state.sites if s.native_owner is not None]
-    for site in native_sites:
-        balancer.absorb_L[site.layer] = 0.0
+    if router_dim is not None:
+        balancer.post_step_hooks.append(FoldIntoRouters(folded_sites(patch_state)))
     if native_sites:
         balancer.step_callbacks.append(NativeBiasSync(native_sites))
     for site in patch_state.sites:
@@ -178,6 +180,40 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
         handle = model.register_forward_hook(FirstForwardCheck(model, patch_state))
         patch_state.check_hook_id = handle.id
     return balancer
+
+
+def folded_sites(state: PatchState) -> list[RouterSite]:
+    """Routers whose bias lives only in the balancer (no native buffer ships it): what the fold moves."""
+    return [s for s in state.sites if s.native_owner is None and s.strategy != "native_bias"]
+
+
+def _fold_router_dim(cfg: BalanceConfig, usable: list[dict[str, Any]], modules: dict[str, nn.Module],
+                     num_experts: int) -> int | None:
+    """The router input width for the online fold, or None when nothing is folded (fold off, or only native-bias
+    routers). A generic router without one ``[E, D]`` weight cannot carry the bias: refused with the way out."""
+    if cfg.fold_share_resolved == 0:
+        return None
+    dims = set()
+    for info in usable:
+        module = modules[info["name"]]
+        if info["strategy"] == "native_bias":
+            continue
+        parent = modules[info["name"].rpartition(".")[0]] if "." in info["name"] else None
+        if info["strategy"] == "generic" and find_native_bias(module, parent, num_experts) is not None:
+            continue
+        site = RouterSite(info["name"], 0, module, type(module), info["strategy"], num_experts, 1, "softmax",
+                          None)
+        targets = fold_targets(site)
+        if targets is None:
+            raise UnsupportedModelError(
+                f"moe_balance: router {info['name']} ({type(module).__name__}) has no single [{num_experts}, D] "
+                "weight for the online fold to move the bias into; patch with fold_share=0 (the bias then lives "
+                "beside the weights and is lost when the model is served)")
+        dims.add(full_shape(targets[0])[1])
+    if len(dims) > 1:
+        raise UnsupportedModelError(f"moe_balance: router input widths differ across layers ({sorted(dims)}); "
+                                    "patch with fold_share=0")
+    return dims.pop() if dims else None
 
 
 def _route_hook_through_patch(site: RouterSite) -> None:

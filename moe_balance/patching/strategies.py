@@ -161,7 +161,8 @@ def should_record(site: RouterSite, recompute: bool) -> bool | None:
 
 def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, output: Any,
            dropped: torch.Tensor | None = None, weights_hint: int | None = None,
-           ranked_TE: torch.Tensor | None = None) -> Any:
+           ranked_TE: torch.Tensor | None = None, router_input: torch.Tensor | None = None,
+           unbiased_idx: torch.Tensor | None = None) -> Any:
     """Hand one router call to the balancer; attach the loss to the router output if asked."""
     state = site.state
     if state.forward_hits is not None:
@@ -189,7 +190,9 @@ def report(site: RouterSite, logits_TE: torch.Tensor, idx_TK: torch.Tensor, outp
     selection = selection_scores(site, logits_TE, ranked_TE) if wants_prices else None
     loss = bal.observe(site.layer, logits_TE, idx_TK.reshape(T, -1), state.batch.mask_for(T), scores=scores,
                        segment_ids=segment_T, selection_scores=selection,
-                       collect=not (state.attach_loss or recompute), record=record, dropped=dropped)
+                       collect=not (state.attach_loss or recompute), record=record, dropped=dropped,
+                       router_input=router_input if router_input is not None and router_input.shape[:-1].numel() == T
+                       else None, unbiased_idx=unbiased_idx)
     if forced and loss.requires_grad and not state.warned_recompute_attach:
         state.warned_recompute_attach = True
         warnings.warn("moe_balance: reentrant gradient checkpointing computes the balance loss during backward; "
@@ -276,8 +279,12 @@ class InterceptSelection:
         if logits is None:
             logits = next(t for t in (output if isinstance(output, tuple) else (output,))
                           if isinstance(t, torch.Tensor) and t.shape[-1] == site.num_experts)
+        # What the same weights choose without the bias (top-k routers): the routing a stock load would have.
+        unbiased = mode.ranked.topk(site.top_k, dim=-1).indices \
+            if uses_bias and mode.ranked is not None and not self._mb_argmax else None
+        router_input = mode.linear_call[0] if mode.linear_call is not None else None
         return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index,
-                      mode.ranked)
+                      mode.ranked, router_input, unbiased)
 
     _mb_weights_index: int | None = None  # None: found from the output (see _weights_index)
 

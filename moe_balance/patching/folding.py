@@ -1,0 +1,60 @@
+"""Which router tensors take the online fold, and the step hook that moves the bias into them."""
+
+from __future__ import annotations
+
+import torch
+
+from ..fold import MIN_FIT
+from ..weights import add_to_param
+from .strategies import RouterSite, full_shape
+
+
+def fold_targets(site: RouterSite) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The router's ``[E, D]`` linear weight and its ``[E]`` linear bias (or None), found among its parameters
+    (ZeRO-3 partitioned ones by their full shape); None when it has no such weight."""
+    E = site.num_experts
+    params = list(site.module.parameters())
+    weights = [p for p in params if len(full_shape(p)) == 2 and full_shape(p)[0] == E]
+    if len(weights) != 1:
+        return None
+    biases = [p for p in params if full_shape(p) == (E,)]
+    return weights[0], (biases[0] if len(biases) == 1 else None)
+
+
+class FoldIntoRouters:
+    """After each step (``Balancer.post_step_hooks``): move ``fold_share`` of each generic router's bias into
+    its weights, exactly into its linear bias where it has one, else along the balancer's online direction
+    ``a`` (:mod:`moe_balance.fold`), and take it off the bias. Layers whose inputs do not explain a constant
+    yet (``fold_fit < MIN_FIT``: the first step, or inputs without a constant) keep their bias this step."""
+
+    def __init__(self, sites: list[RouterSite]) -> None:
+        self.sites = sites
+        self.targets = {site.layer: fold_targets(site) for site in sites}
+
+    @torch.no_grad()
+    def __call__(self, balancer) -> None:
+        self.fold(balancer, balancer.config.fold_share_resolved)
+
+    @torch.no_grad()
+    def fold(self, balancer, share: float) -> dict[int, torch.Tensor]:
+        """Fold ``share`` of every generic router's bias now; returns what each layer took (``[E]``, fp32)."""
+        if balancer.router_dim is None or share == 0:
+            return {}
+        fits = (balancer.fold_fit_L >= MIN_FIT).tolist()  # one host sync per step, outside the forward
+        moved = {}
+        for site in self.sites:
+            weight, lin_bias = self.targets[site.layer]
+            exact = lin_bias is not None
+            if not (exact or fits[site.layer]):
+                continue
+            delta_E = share * balancer.bias_LE[site.layer].double()
+            if exact:  # gpt-oss: the router's own constant
+                add_to_param(lin_bias, delta_E)
+            else:
+                add_to_param(weight, delta_E[:, None] * balancer.fold_a_LD[site.layer].to(delta_E.device)[None, :])
+            balancer.bias_LE[site.layer] -= delta_E.to(balancer.bias_LE.dtype)
+            moved[site.layer] = delta_E.float()
+        return moved
+
+
+__all__ = ["fold_targets", "FoldIntoRouters"]

@@ -1,0 +1,78 @@
+"""Add a small update to a parameter wherever the engine keeps it, with no collective.
+
+The online fold (:mod:`.fold`) edits router weights after every optimizer step. An edit of the model's
+tensor alone is lost where the optimizer keeps its own fp32 master copy and writes it back after the next
+step (DeepSpeed ZeRO-1/2/3 and its bf16 optimizer), and a sharded parameter (FSDP2, ZeRO-3) holds only this
+rank's piece. Every rank computes the same full update (it comes from all-reduced statistics), so each
+rank adds the slice it owns and nothing is gathered:
+
+* plain tensors (DDP, the HF Trainer, Accelerate, Lightning, AMP with fp32 weights): in place;
+* FSDP2 ``DTensor`` parameters (fp32 shards; mixed precision casts at all-gather): the local shard;
+* DeepSpeed ZeRO-1/2 and the bf16 optimizer: the full low-precision parameter and this rank's fp32 master
+  fragment (``param._hp_mapping``: the fragment ``safe_set_full_fp32_param`` writes; reading the master
+  through ``safe_get_full_fp32_param`` would all-reduce the whole weight);
+* DeepSpeed ZeRO-3: the low-precision partition ``param.ds_tensor`` and the fp32 partition through the
+  public ``safe_get_local_fp32_param`` / ``safe_set_local_fp32_param``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .patching.strategies import _is_dtensor
+
+
+def engine_of(param: torch.Tensor) -> str:
+    """Which copy-keeping scheme holds ``param``: ``zero3``, ``zero12``, ``dtensor`` or ``plain``."""
+    if hasattr(param, "ds_id"):
+        return "zero3"
+    if getattr(param, "_hp_mapping", None) is not None:
+        return "zero12"
+    if _is_dtensor(param):
+        return "dtensor"
+    return "plain"
+
+
+@torch.no_grad()
+def add_to_param(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """``param += delta`` for the full-shape ``delta`` (fp32 or fp64), in every copy the engine keeps."""
+    kind = engine_of(param)
+    if kind == "plain":
+        param.data.add_(delta.to(param.device, param.dtype))
+    elif kind == "dtensor":
+        from torch.distributed.tensor import distribute_tensor
+        local = distribute_tensor(delta.to(param.device, torch.float32), param.device_mesh, param.placements,
+                                  src_data_rank=None)  # this rank's slice of an update every rank computed
+        param.data.add_(local.to(param.dtype))
+    elif kind == "zero12":
+        _add_zero12(param, delta)
+    else:
+        _add_zero3(param, delta)
+
+
+def _add_zero12(param: torch.Tensor, delta: torch.Tensor) -> None:
+    flat = delta.reshape(-1).to(param.device, torch.float32)
+    param.data.add_(flat.reshape(param.shape).to(param.dtype))
+    address = param._hp_mapping.lp_fragment_address
+    hp_fragment = param._hp_mapping.get_hp_fragment()
+    hp_fragment.data.add_(flat.narrow(0, address.start, address.numel).to(hp_fragment.device, hp_fragment.dtype))
+
+
+def _add_zero3(param: torch.Tensor, delta: torch.Tensor) -> None:
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+    lp_part = param.ds_tensor  # this rank's low-precision partition, flat, padded at the end
+    per_rank = lp_part.numel()
+    rank = dist.get_rank(group=param.ds_process_group)
+    flat = delta.reshape(-1).to(lp_part.device, torch.float32)
+    padded = torch.zeros(per_rank * dist.get_world_size(group=param.ds_process_group), dtype=torch.float32,
+                         device=flat.device)
+    padded[:flat.numel()] = flat
+    piece = padded.narrow(0, per_rank * rank, per_rank)
+    lp_part.data.add_(piece.to(lp_part.dtype))
+    hp = safe_get_local_fp32_param(param) if param.requires_grad else None
+    if hp is not None:  # frozen parameters have no master copy
+        safe_set_local_fp32_param(param, hp + piece.reshape(hp.shape).to(hp.device, hp.dtype))
+
+
+__all__ = ["add_to_param", "engine_of"]
