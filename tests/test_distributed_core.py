@@ -49,23 +49,23 @@ def test_two_ranks_equal_one_rank(rule, tmp_path):
     assert ranks[0]["metrics"]["maxvio_global"] == pytest.approx(ref.metrics()["maxvio_global"])
 
 
-def test_fold_on_two_ranks_equals_one_process(tmp_path):
-    """export.fold_bias sums the router-input moments over the ranks (one all-reduce): every rank folds the
-    same delta, the one a single process computes from all the calibration batches."""
-    from moe_balance import export
+def test_online_fold_on_two_ranks_equals_one_process(tmp_path):
+    """The fold's input sums ride the step's one all-reduce: both ranks edit their routers identically (bitwise),
+    as one process does on the concatenated batches."""
     from moe_balance.testing import tiny_model
 
-    from .workers.fold_two_ranks import bias_for, calibration
+    from .workers.fold_two_ranks import calibration, fold_steps
     run_torchrun(Path(__file__).parent / "workers" / "fold_two_ranks.py", str(tmp_path), nproc=2, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
-    balancer = mb.patch(model)
-    balancer.bias_LE.copy_(bias_for(balancer))
-    export.fold_bias(model, calibration())
-    assert ranks[0]["calls"] == ranks[1]["calls"] == 1
+    balancer = mb.patch(model, fold_share=0.5)
+    fold_steps(model, balancer, calibration(6))
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 3  # one all-reduce per step
+    changed = 0
     for name, weight in model.named_parameters():
         if name in before:
             assert torch.equal(ranks[0]["routers"][name], ranks[1]["routers"][name])
-            assert not torch.equal(weight.detach(), before[name])
-            torch.testing.assert_close(ranks[0]["routers"][name], weight.detach(), rtol=0, atol=1e-6)
+            changed += not torch.equal(weight.detach(), before[name])
+            torch.testing.assert_close(ranks[0]["routers"][name], weight.detach(), rtol=0, atol=1e-5)
+    assert changed >= 1  # layers whose inputs carry a constant fold (random-init embeddings may not, yet)

@@ -1,4 +1,4 @@
-"""Run by torchrun: two ranks fold the same bias, each on its own half of the calibration batches."""
+"""Run by torchrun: the online fold on two ranks, each with its half of every step's batch."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 
 import moe_balance as mb
-from moe_balance import export
 from moe_balance.testing import tiny_model
 
 
@@ -16,10 +15,14 @@ def calibration(n: int = 4) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (4, 32), generator=gen) for _ in range(n)]
 
 
-def bias_for(balancer) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(3)
-    bias = torch.randn(balancer.bias_LE.shape, generator=gen)
-    return bias - bias.mean(-1, keepdim=True)
+def fold_steps(model, balancer, data: list[torch.Tensor], rank: int | None = None) -> None:
+    """Three steps; each step's batch is two calibration batches (a rank takes its one)."""
+    for step in range(3):
+        pair = data[2 * step:2 * step + 2]
+        for ids in (pair if rank is None else pair[rank:rank + 1]):
+            model(input_ids=ids).logits.sum().backward()  # a training forward: recorded
+        model.zero_grad()
+        balancer.step()
 
 
 def main(out_dir: str) -> None:
@@ -27,11 +30,9 @@ def main(out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, f"expected 2 ranks, got {world}"
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
-    balancer = mb.patch(model)  # the default group: WORLD
-    balancer.bias_LE.copy_(bias_for(balancer))
-    data = calibration()
+    balancer = mb.patch(model, fold_share=0.5)  # the default group: WORLD
     calls = balancer.reducer.calls
-    export.fold_bias(model, data[rank::2])
+    fold_steps(model, balancer, calibration(6), rank)
     routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
     torch.save({"routers": routers, "calls": balancer.reducer.calls - calls}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
