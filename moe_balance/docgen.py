@@ -199,6 +199,11 @@ METRICS: dict[str, tuple[str, str | None]] = {
     "ep_imbalance_max": ("the same, worst layer", "`expert_parallel_size` > 1"),
     "capacity_dropped": ("share the router itself dropped at capacity", "routers that report drops (DeepSpeed "
                          "`TopKGate`)"),
+    "routing_differ": ("share of tokens whose experts differ from what the same weights choose without the bias: "
+                       "what a stock load of the current weights (vLLM, a mid-run checkpoint) would route otherwise",
+                       None),
+    "fold_fit": ("share of a constant the router inputs explain (`mu . v`, mean over layers): how exactly the online "
+                 "fold moves the bias into the weights", "the online fold (`fold_share` > 0)"),
     "layer<i>/<name>": ("per-layer values", "`log_per_layer`"),
 }
 
@@ -208,11 +213,13 @@ def _metric_names(everything: bool) -> tuple[list[str], list[str]]:
     ``everything``: with every optional key switched on."""
     import torch
     from .balancer import Balancer
-    fields = {"expert_parallel_size": 2, "log_per_layer": True} if everything else {}
-    balancer = Balancer(num_layers=2, num_experts=4, top_k=2, bias_update="sign", **fields)
+    fields = {"expert_parallel_size": 2, "log_per_layer": True, "bias_space": "logits"} if everything else {}
+    balancer = Balancer(num_layers=2, num_experts=4, top_k=2, bias_update="sign", router_dim=3 if everything else None,
+                        **fields)
     logits = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
     for layer in range(2):
-        balancer.observe(layer, logits, logits.topk(2).indices, dropped=torch.tensor(0.1) if everything else None)
+        balancer.observe(layer, logits, logits.topk(2).indices, dropped=torch.tensor(0.1) if everything else None,
+                         router_input=torch.ones(8, 3) if everything else None)
     balancer.step()
     names, per_layer = [], []
     for key in balancer.metrics():

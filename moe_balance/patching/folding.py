@@ -47,7 +47,7 @@ class FoldIntoRouters:
             exact = lin_bias is not None
             if not (exact or fits[site.layer]):
                 continue
-            delta_E = share * balancer.bias_LE[site.layer].double()
+            delta_E = share * balancer.bias_LE[site.layer].float()  # fp32: an [E, D] edit per router per step
             if exact:  # gpt-oss: the router's own constant
                 add_to_param(lin_bias, delta_E)
             else:
