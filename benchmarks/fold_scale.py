@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="router inputs observed per layer and step")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds, {args.tokens} tokens/layer\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds, "
+          f"{args.tokens} tokens/layer\n")
     print("| shape (L, d, E, k) | added state | added all-reduce per step | all-reduce total | step() fold on / off "
           "| d x d fp64 moments (replaced) |")
     print("|---|---|---|---|---|---|")
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         ms_on = statistics.mean(r["step_s"] for r in on) * 1e3
         ms_off = statistics.mean(r["step_s"] for r in off) * 1e3
         ratio = f"x{statistics.mean(ratios):.2f} ± {statistics.pstdev(ratios):.2f}"
-        print(f"| {name} ({', '.join(map(str, shape))}) | {added_state / 2**20:.1f} MiB | {added_window / 2**20:.1f} MiB "
+        print(f"| {name} ({', '.join(map(str, shape))}) | {added_state / 2**20:.1f} MiB "
+              f"| {added_window / 2**20:.1f} MiB "
               f"| {on[0]['window_bytes'] / 2**20:.1f} MiB | {ms_on:.0f} / {ms_off:.0f} ms ({ratio}) "
               f"| {L * D * D * 8 / 2**30:.1f} GiB |")
     return 0
