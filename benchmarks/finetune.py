@@ -1,7 +1,7 @@
 """Fine-tuning benchmark: what a user ships after balancing a downloaded checkpoint.
 
     python benchmarks/finetune.py                      # 4 seeds, every row (see docs/benchmarks.md for wall time)
-    python benchmarks/finetune.py --seeds 1 --steps 40 --methods none,quantile_ship   # smoke
+    python benchmarks/finetune.py --seeds 1 --steps 40 --methods none,default   # smoke
 
 A tiny Qwen3-MoE (quick shape: hidden 64, 4 layers, 16 experts, top-2) is pretrained on general
 stdlib sources with a global-batch aux loss (its routers balanced by their own weights, like a
@@ -37,14 +37,16 @@ METHODS: dict[str, tuple[dict | None, float | None, bool]] = {
     "hf_aux_1e-3": (None, 1e-3, False),  # what TRL turns on by default: transformers' pooled loss
     "global_batch_1e-2": ({"bias_update": "none", "aux_loss": "global_batch", "aux_loss_coef": 1e-2}, None, False),
     "sign_1e-3": ({"bias_update": "sign"}, None, False),
-    "quantile_no_ship": ({"bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None, False),
-    "quantile_fold": ({"bias_absorb_coef": 0.0, "handover_fraction": 0.0}, None, True),
-    "quantile_absorb_fold": ({"handover_fraction": 0.0}, None, True),
-    "default": ({}, None, True),  # quantile, absorption 1e-3, hand-over over the last 30%
-    "default_absorb_1e-2": ({"bias_absorb_coef": 1e-2}, None, True),
-    # LoRA-like: routers frozen during the fine-tune, the bias is the only force; the fold ships it
+    # the bias beside the weights: its patched column is the bias-only reference; served, the bias is dropped
+    "quantile_no_fold": ({"fold_share": 0.0}, None, False),
+    "quantile_end_fold": ({"fold_share": 0.0}, None, True),  # folded once at the end (calibration CG)
+    "default": ({}, None, True),  # quantile, online fold of a tenth per step, the remainder folded at the end
+    "fold_1.0": ({"fold_share": 1.0}, None, True),  # the whole bias every step
+    "fold_0.03": ({"fold_share": 0.03}, None, True),
+    "fold_0.3": ({"fold_share": 0.3}, None, True),
+    # LoRA-like: routers frozen during the fine-tune (no gradient); the online fold still edits them
     "frozen_none": (None, None, False),
-    "frozen_quantile_fold": ({}, None, True),
+    "frozen_default": ({}, None, True),
 }
 SHAPE = dict(experts=16, top_k=2, vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -95,36 +97,51 @@ def run_one(name: str, seed: int, args, base: Path, train, val, general_val) -> 
     if name.startswith("frozen"):
         for site in mb.patching.patch_state_of(model).sites:
             site.module.requires_grad_(False)
-    export.plan_handover(model, args.steps)  # no-op unless the config asks for a hand-over
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, 16, 64, seed=seed)
+    curve, differ = [], []
     for _ in range(args.steps):
         ids = next(stream)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step(), optimizer.zero_grad(), balancer.step()
+        metrics = balancer.metrics()
+        curve.append(metrics["maxvio_global"])
+        differ.append(metrics["routing_differ"])
     val_b, gen_b = eval_batches(val, args.eval_batches, 1234), eval_batches(general_val, args.eval_batches, 99)
+    # unseen batches drawn like the training batches (same files, windows the run did not take)
+    like_b = eval_batches(train, args.eval_batches, 4321)
     trained = export.routing_report(model, val_b)  # the model as trained: patched, with its bias
-    row = {"method": name, "seed": seed, "steps": args.steps, "bias_abs_mean": float(balancer.bias_LE.abs().mean())}
+    trained_like = export.routing_report(model, like_b)
+    row = {"method": name, "seed": seed, "steps": args.steps, "bias_abs_mean": float(balancer.bias_LE.abs().mean()),
+           "routing_differ_last10": statistics.mean(differ[-10:]),
+           "fold_fit": balancer.metrics().get("fold_fit", math.nan)}
     if fold:
-        report = export.fold_bias(model, [next(stream) for _ in range(args.fold_batches)])
-        row["fit_r2_min"] = min(f.fit_r2 for f in report.layers.values()) if report.layers else math.nan
+        shipped = export.ship(model, [next(stream) for _ in range(args.fold_batches)])
+        row["end_fold_agreement"] = shipped["topk_agreement"]
     with tempfile.TemporaryDirectory() as tmp:
         export.save_pretrained(model, tmp)
         stock = load(Path(tmp))
         mb.patch(stock, bias_update="none", selftest=False)
         served = export.routing_report(stock, val_b)
+        served_like = export.routing_report(stock, like_b)
         general = export.routing_report(stock, gen_b)
     shares = export.agreement(trained["selections"], served["selections"])
     row.update({"val_patched": trained["loss"], "val_stock": served["loss"],
                 "maxvio_patched": statistics.mean(trained["maxvio_L"]),
                 "maxvio_stock": statistics.mean(served["maxvio_L"]),
+                "maxvio_like_patched": statistics.mean(trained_like["maxvio_L"]),
+                "maxvio_like_stock": statistics.mean(served_like["maxvio_L"]),
                 "agreement_min": min(shares), "agreement_mean": statistics.mean(shares),
                 "general_stock": general["loss"]})
+    row["_curve"] = curve
     return row
 
 
 COLS = [("val loss patched", "val_patched", 4), ("val loss stock", "val_stock", 4),
         ("MaxVio patched", "maxvio_patched", 2), ("MaxVio stock", "maxvio_stock", 2),
+        ("MaxVio patched, train-like batches", "maxvio_like_patched", 2),
+        ("MaxVio stock, train-like batches", "maxvio_like_stock", 2),
+        ("routing differs (last 10 steps)", "routing_differ_last10", 3),
         ("top-k agreement (min layer)", "agreement_min", 3), ("general loss stock", "general_stock", 4),
         ("mean abs bias", "bias_abs_mean", 4)]
 
@@ -149,10 +166,31 @@ def table(rows: list[dict]) -> str:
 
 
 LABELS = {"none": "none", "hf_aux_1e-3": "HF aux 1e-3", "global_batch_1e-2": "global-batch aux",
-          "sign_1e-3": "sign, bias dropped", "quantile_no_ship": "quantile, bias dropped",
-          "quantile_fold": "quantile + fold", "default": "default (hand-over)",
-          "default_absorb_1e-2": "hand-over, absorb 1e-2", "frozen_none": "frozen router",
-          "frozen_quantile_fold": "frozen + fold"}
+          "sign_1e-3": "sign, bias dropped", "quantile_no_fold": "quantile, bias dropped",
+          "quantile_end_fold": "quantile + end fold", "default": "default (online fold 0.1)",
+          "fold_1.0": "online fold 1.0", "fold_0.03": "online fold 0.03", "fold_0.3": "online fold 0.3",
+          "frozen_none": "frozen router", "frozen_default": "frozen + online fold"}
+
+
+def stretch_table(curves: dict[str, list[list[float]]], reference: str = "quantile_no_fold") -> str:
+    """Training-window MaxVio per tenth of the run (mean over seeds), and the worst tenth's ratio to the
+    bias-only run's (``reference``): does a method give the balance up anywhere in the run?"""
+    if reference not in curves:
+        return ""
+
+    def tenths(runs: list[list[float]]) -> list[float]:
+        n = len(runs[0])
+        return [statistics.mean(statistics.mean(r[i * n // 10:(i + 1) * n // 10]) for r in runs) for i in range(10)]
+
+    ref = tenths(curves[reference])
+    header = " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(10))
+    lines = [f"| method | {header} | worst ratio to bias-only |",
+             "|---" * 12 + "|"]
+    for name, runs in curves.items():
+        mine = tenths(runs)
+        worst = max(m / r for m, r in zip(mine, ref))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in mine) + f" | {worst:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def figure(rows: list[dict], path: Path) -> Path:
@@ -210,18 +248,20 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
-    out, rows = Path(args.out), []
+    out, rows, curves = Path(args.out), [], {}
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         base = pretrained(seed, Path(args.cache), args.pretrain_steps, general)
         for name in methods:
             row = run_one(name, seed, args, base, train, val, general_val)
+            curves.setdefault(name, []).append(row.pop("_curve"))
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     with open(out / f"{args.tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader(), writer.writerows(rows)
-    text = table(rows)
+    (out / f"{args.tag}_curves.json").write_text(json.dumps(curves))
+    text = table(rows) + "\nTraining-window MaxVio per tenth of the run (mean over seeds)\n\n" + stretch_table(curves)
     (out / f"{args.tag}.md").write_text(text)
     figure(rows, out / f"{args.tag}.png")
     print(text)

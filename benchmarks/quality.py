@@ -153,7 +153,7 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
             site.module.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     stream = batches(train, args.batch, args.seq, seed=seed)
-    times, curve = [], []
+    times, curve, differ = [], [], []
     for _ in range(steps):
         ids = next(stream)
         start = time.perf_counter()
@@ -163,10 +163,13 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
         optimizer.zero_grad()
         balancer.step()
         times.append(time.perf_counter() - start)
-        curve.append(balancer.metrics()["maxvio_global"])
+        metrics = balancer.metrics()
+        curve.append(metrics["maxvio_global"])
+        differ.append(metrics["routing_differ"])
     reached = steps_to_balance(curve, 2 * args.floor)
     row = {"method": name, "seed": seed, "frozen": frozen, "steps_to_balance": reached if reached else math.nan,
-           "step_ms": 1e3 * statistics.median(times)}
+           "step_ms": 1e3 * statistics.median(times), "routing_differ_mean": statistics.mean(differ),
+           "routing_differ_last10": statistics.mean(differ[-10:])}
     if not frozen:
         row.update(evaluate(model, balancer, val, args.eval_batches))
     if balancer.config.uses_quantile and args.floor_batches:
@@ -211,7 +214,9 @@ def markdown(summary: list[dict], cols: list[tuple[str, str, int]], header: str)
 LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxvio_global", 2),
                  ("val loss stock", "val_loss_stock", 3), ("MaxVio stock", "maxvio_stock", 2),
                  ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
-                 ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
+                 ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0),
+                 ("routing differs from stock (run mean)", "routing_differ_mean", 3),
+                 ("routing differs (last 10 steps)", "routing_differ_last10", 3)]
 FROZEN_COLS = [("steps to balance (frozen router)", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
 FLOOR_COLS = [("pool (exact price)", "floor_pool", 2), ("per training batch", "floor_batch", 2),
               ("held-out", "floor_heldout", 2), ("steps until < 2x per-batch floor", "steps_to_2x_floor_batch", 0)]
