@@ -59,7 +59,9 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
     # the bias kept beside the weights (no fold): the "bias-only" reference; served, it is dropped
     "quantile_no_fold": ({"bias_update": "quantile", "fold_share": 0.0}, None),
-    "quantile_fold_0.1": ({"bias_update": "quantile", "fold_share": 0.1}, None),
+    "quantile_fold_1.0": ({"bias_update": "quantile", "fold_share": 1.0}, None),
+    "quantile_fold_0.3": ({"bias_update": "quantile", "fold_share": 0.3}, None),
+    "quantile_fold_0.03": ({"bias_update": "quantile", "fold_share": 0.03}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
                  "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
@@ -172,12 +174,19 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
            "routing_differ_last10": statistics.mean(differ[-10:])}
     if not frozen:
         row.update(evaluate(model, balancer, val, args.eval_batches))
+        shipped = balancer.router_dim is not None
+    trained_bias = balancer.bias_LE.clone()
     if balancer.config.uses_quantile and args.floor_batches:
         pool = [next(stream) for _ in range(args.floor_batches)]  # batches the run would have trained on next
         row.update(price_floor(model, balancer, pool, val, args.eval_batches))
         floor = row["floor_batch"]
         balanced = steps_to_balance(curve, 2 * floor)
         row["steps_to_2x_floor_batch"] = balanced if balanced else math.nan
+    if not frozen and shipped:  # what the integrations ship: the remainder folded along the online direction
+        balancer.bias_LE.copy_(trained_bias)  # the price floor moved only the bias (its fold hook was off)
+        export.fold_bias(model)
+        loss, m = evaluate_heldout(model, balancer, val, args.eval_batches, seed=1234)
+        row.update({"val_loss_shipped": loss, "maxvio_shipped": m["maxvio_global"]})
     return {"row": row, "curve": curve}
 
 
@@ -213,6 +222,8 @@ def markdown(summary: list[dict], cols: list[tuple[str, str, int]], header: str)
 
 LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxvio_global", 2),
                  ("val loss stock", "val_loss_stock", 3), ("MaxVio stock", "maxvio_stock", 2),
+                 ("val loss, remainder folded", "val_loss_shipped", 3),
+                 ("MaxVio, remainder folded", "maxvio_shipped", 2),
                  ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
                  ("steps to balance", "steps_to_balance", 0), ("step ms", "step_ms", 0),
                  ("routing differs from stock (run mean)", "routing_differ_mean", 3),

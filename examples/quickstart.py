@@ -77,11 +77,11 @@ def main(argv=None) -> int:
               f"differs stock {metrics['routing_differ']:.3f}  {time.time() - start:.0f}s", end="", flush=True)
     print()
 
-    mb.export.ship(model, None)  # folds what is still applied (nothing once the online fold carries every layer)
-    after, loads_after = evaluate(model, balancer, val)
+    after, loads_after = evaluate(model, balancer, val)  # as trained: the weights plus what the bias still holds
+    mb.export.ship(model, None)  # folds that remainder into the router weights along the online direction
     with mb.export.as_stock(balancer):  # what stock transformers does with the saved weights
         stock, _ = evaluate(model, balancer, val)
-    print(f"\n{'held-out (8x16x128 bytes)':<26}{'before':>10}{'after':>10}{'saved, stock':>14}")
+    print(f"\n{'held-out (8x16x128 bytes)':<26}{'before':>10}{'trained':>10}{'saved, stock':>14}")
     for key in before:
         print(f"{key:<26}{before[key]:>10.3f}{after[key]:>10.3f}{stock[key]:>14.3f}")
     mb.export.save_pretrained(model, out / "model")

@@ -162,7 +162,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, write_stats: bool = True,
                  repair_resume: bool = True, heatmap_every: int = 10, keep_model_aux_loss: bool = False,
-                 ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
+                 ship: bool = True, ship_batches: int = 8, **fields: Any) -> None:
         if not isinstance(keep_model_aux_loss, bool):
             raise ValueError(f"MoEBalanceCallback keep_model_aux_loss={keep_model_aux_loss!r} must be True or False")
         explicit = dict(config.to_dict() if isinstance(config, BalanceConfig) else (config or {}))

@@ -112,7 +112,7 @@ class MoEBalanceCallback(pl.Callback):
     """
 
     def __init__(self, config: BalanceConfig | Mapping[str, Any] | None = None, *, model_attr: str | None = None,
-                 heatmap_every: int = 10, ship: bool = True, ship_batches: int = 16, **fields: Any) -> None:
+                 heatmap_every: int = 10, ship: bool = True, ship_batches: int = 8, **fields: Any) -> None:
         self.config = resolve_config(config, **fields)  # validate now: errors at construction
         self.ship, self.ship_batches = ship, ship_batches
         self.export_agreement: float | None = None

@@ -35,7 +35,7 @@ from .config import without_retired
 from .fold import MIN_FIT, cg_step, input_statistics
 from .patching.api import folded_sites, patch_state_of
 from .patching.folding import fold_targets
-from .patching.strategies import RouterSite, full_shape
+from .patching.strategies import RouterSite, full_shape, is_sharded
 from .weights import add_to_param
 
 FOLD_FILE = "moe_balance_fold.safetensors"
@@ -63,6 +63,10 @@ class FoldReport:
     tokens: int = 0
     agreement_L: list[float] | None = None
     """Per layer: share of tokens whose chosen experts after the fold (no bias) equal those before (with it)."""
+    maxvio_before_L: list[float] | None = None
+    """Per layer: MaxVio of the check batches with the bias applied (as trained)."""
+    maxvio_after_L: list[float] | None = None
+    """Per layer: MaxVio of the check batches after the fold (as shipped)."""
 
     @property
     def min_agreement(self) -> float | None:
@@ -261,50 +265,57 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any] | None = None, *,
     if check_batches is not None:
         rec = _Recorder()
         _run(model, check_batches, rec)
-        report.agreement_L = agreement(before, _selections(rec))
+        after = _selections(rec)
+        report.agreement_L = agreement(before, after)
+        E = sites[0].num_experts
+        report.maxvio_before_L = [_maxvio(*before[layer], E) for layer in sorted(before)]
+        report.maxvio_after_L = [_maxvio(*after[layer], E) for layer in sorted(after)]
     balancer.fold_report = report
     return report
 
 
 def ship(model: torch.nn.Module, batches: Iterable[Any] | None, limit: int | None = None) -> dict[str, float]:
-    """End of training, for the integrations: fold whatever bias the generic routers still apply (nothing with
-    the default ``fold_share=1`` once every layer fits) and measure, on up to ``limit`` of ``batches`` (e.g. the
-    training dataloader; None: no measurement), the balance the shipped routing gives.
+    """End of training, for the integrations: fold whatever bias the generic routers still apply along the online
+    direction (what the last steps' fold had not moved yet) and report how the shipped routing compares.
 
-    Returns ``topk_agreement`` (lowest per-layer share of tokens routed the same with the bias as trained and
-    without it as shipped; 1.0 when no bias was left), ``maxvio_served`` (mean over layers of MaxVio on those
-    batches as the saved model routes them in stock transformers) and ``maxvio_trained`` (the same batches
-    with the bias the controller had, before any end fold)."""
+    Returns ``routing_differ`` (share of the last training step's tokens whose experts the same weights without
+    the bias chose otherwise), and, measured on up to ``limit`` of ``batches`` (e.g. the training dataloader):
+    ``topk_agreement`` (lowest per-layer share of tokens routed the same with the remainder as trained and
+    folded as shipped; 1.0 when nothing was left), ``maxvio_trained`` and ``maxvio_served`` (mean over layers,
+    with the remainder applied and as stock transformers will route the saved model). Sharded models (ZeRO-3,
+    FSDP2) are folded shard by shard but not run here: a forward outside the engine would leave their
+    parameters gathered, so the three measured values are NaN there."""
     state = patch_state_of(model)
     balancer = state.balancer
+    out = {"routing_differ": balancer.metrics().get("routing_differ", math.nan) if balancer.last_window else 0.0,
+           "topk_agreement": math.nan, "maxvio_trained": math.nan, "maxvio_served": math.nan}
+    sharded = any(is_sharded(p) for site in folded_sites(state) for p in site.module.parameters())
     usable = []
-    for batch in itertools.islice(batches or [], limit):
+    for batch in itertools.islice(batches or [], 0 if sharded else limit):
         try:
             usable.append(_as_inputs(batch))
         except TypeError:  # e.g. DPO's lists of prompt/chosen/rejected: nothing to route as is
             continue
-    out = {"topk_agreement": 1.0, "maxvio_trained": math.nan, "maxvio_served": math.nan}
-    if usable:
-        out["maxvio_trained"] = _mean(routing_report(model, usable)["maxvio_L"])
-    applied = _applied_sites(state)
-    if applied:
-        if not balancer.config.ranks_logits:
-            warnings.warn(f"moe_balance: the bias of bias_update={balancer.config.bias_update!r} is added to "
-                          "probabilities (bias_space='scores') and cannot be folded into router weights; the saved "
-                          "model will not route as trained. Use bias_space='logits' (the quantile default) to ship it",
-                          RuntimeWarning, stacklevel=2)
-            out["topk_agreement"] = math.nan
-            return out
-        try:
-            report = fold_bias(model, usable[::2] or None, check_batches=usable[1::2] or None)
-        except ValueError as error:
-            warnings.warn(f"moe_balance: the remaining bias was not folded ({error}); the saved model will not "
-                          "route as trained", RuntimeWarning, stacklevel=2)
-            out["topk_agreement"] = math.nan
-            return out
-        out["topk_agreement"] = report.min_agreement if report.min_agreement is not None else math.nan
-    if usable:
-        out["maxvio_served"] = _mean(routing_report(model, usable)["maxvio_L"])
+    if not _applied_sites(state):
+        if usable:
+            out["maxvio_trained"] = out["maxvio_served"] = _mean(routing_report(model, usable)["maxvio_L"])
+        out["topk_agreement"] = 1.0
+        return out
+    if not balancer.config.ranks_logits:
+        warnings.warn(f"moe_balance: the bias of bias_update={balancer.config.bias_update!r} is added to "
+                      "probabilities (bias_space='scores') and cannot be folded into router weights; the saved "
+                      "model will not route as trained. Use bias_space='logits' (the quantile default) to ship it",
+                      RuntimeWarning, stacklevel=2)
+        return out
+    try:
+        report = fold_bias(model, usable or None, check_batches=usable or None)
+    except ValueError as error:
+        warnings.warn(f"moe_balance: the remaining bias was not folded ({error}); the saved model will not "
+                      "route as trained", RuntimeWarning, stacklevel=2)
+        return out
+    if report.agreement_L is not None:
+        out["topk_agreement"] = report.min_agreement
+        out["maxvio_trained"], out["maxvio_served"] = _mean(report.maxvio_before_L), _mean(report.maxvio_after_L)
     return out
 
 

@@ -53,7 +53,8 @@ def check(ranks: list[dict], losses_from_checkpoint: bool = False) -> None:
         assert full["calls"] == 2 * K and resumed["calls"] == K  # no extra all-reduce (e.g. on resume)
         # balance against the same run without balancing: the skewed routers stay collapsed there
         assert all(b == 0 for row in control["bias"] for b in row)
-        assert max(abs(b) for row in full["bias"] for b in row) >= 0.1
+        # the bias (or, with the online fold, what it moved into the routers) is large after a collapse
+        assert max(abs(b) for row in full["bias"] for b in row) >= 0.1 or (full.get("fold_fit") or 0) > 0.05
         assert control["eval_maxvio"] > 2.5 and control["train_maxvio"] > 2.5
         assert full["eval_maxvio"] < control["eval_maxvio"] - 0.5, (full["eval_maxvio"], control["eval_maxvio"])
         assert full["train_maxvio"] < control["train_maxvio"] - 0.5, (full["train_maxvio"], control["train_maxvio"])
@@ -72,6 +73,11 @@ def test_torch_fsdp2_patched_before_fully_shard(tmp_path):
     ranks = run("before", tmp_path)
     check(ranks)
     assert ranks[0]["full"]["native"] == []  # Mixtral: the balancer's own bias, no native buffer
+    # the default rule with the online fold: every rank edits its own fp32 shard of each router with the same
+    # all-reduced update, so the gathered routers are bitwise equal on both ranks
+    for name in ("full", "resumed"):
+        assert ranks[0][name]["fold_fit"] > 0.05
+        assert ranks[0][name]["router_values"] == ranks[1][name]["router_values"], name
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ K = 15            # steps before the checkpoint; the runs train 2K
 BATCH, SEQ = 8, 64
 RATE = 1e-2       # sign rule on softmax probabilities: a few dozen steps are enough
 BALANCED = dict(bias_update="sign", bias_update_rate=RATE, aux_loss="global_batch", aux_loss_coef=1e-2)
+# "before" mode: the default rule with the online fold, which edits each rank's fp32 router shard after every step
+FOLDED = dict(bias_update="quantile", fold_share=0.5)
 CONTROL = dict(bias_update="none", aux_loss="none")
 
 
@@ -89,7 +91,9 @@ def summary(bal, model: torch.nn.Module, losses: list[float], start: dict[str, t
             "group_size": dist.get_world_size(bal.reducer.group), "group_is_mesh": bal.reducer.group is group,
             "changed": changed(start, end), "routers": [n for n in start if n.startswith(routers)],
             "native": [end[n].reshape(-1).tolist() for n in native],
-            "native_sharded": [is_dtensor(p) for n, p in model.named_parameters() if n in native]}
+            "native_sharded": [is_dtensor(p) for n, p in model.named_parameters() if n in native],
+            "router_values": [end[n].reshape(-1)[:64].tolist() for n in end if n.startswith(routers)],
+            "fold_fit": window.get("fold_fit")}
 
 
 # ----------------------------------------------------------------------------- torch FSDP2
@@ -105,7 +109,7 @@ def torch_run(mode: str, balanced: bool, steps: range, ckpt: Path | None, save_a
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
     # The balancer sums counts over the data-parallel group: the mesh's, not WORLD by default.
     group = mesh.get_group("dp")
-    cfg = BALANCED if balanced else CONTROL
+    cfg = (FOLDED if mode == "before" else BALANCED) if balanced else CONTROL
     resume = ckpt is not None and save_at is None
     # Ernie 4.5 keeps its selection bias as a frozen nn.Parameter, which fully_shard turns into a DTensor
     # shard: patching after sharding reads it whole and every step writes each rank's slice.

@@ -1,0 +1,43 @@
+"""The online fold through engines that keep their own copy of the weights (two gloo ranks, CPU).
+
+DeepSpeed ZeRO-2 and ZeRO-3 in bf16 keep fp32 master weights and write them into the bf16 model after every
+step: a fold into the bf16 router alone would be lost at the next step. Checked: the world size and the
+engine's stage, bitwise-equal router weights on both ranks after every step (master and bf16 copy), the bf16
+copy equal to the rounded master, the routers moved by the fold, one all-reduce per step, and the saved
+model, loaded by stock transformers in a fresh process without moe_balance, with the trained model's loss and
+balance. (FSDP2: tests/test_fsdp.py; the HF Trainer, Lightning and a plain loop: tests/test_export.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import run_torchrun
+from .test_export import _stock_eval
+
+SCRIPT = Path(__file__).parent / "workers" / "ds_fold_run.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_bf16_fold_edits_master_and_model_copies(stage, tmp_path):
+    run_torchrun(SCRIPT, str(tmp_path), str(stage), nproc=2, timeout=420)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["world"] == 2 and r["stage"] == stage and r["num_steps"] == 12
+        assert r["calls"] == 12  # one all-reduce per step: the fold's sums ride it
+        assert r["fold_fit"] > 0.05 and max(r["moved"]) > 1e-3
+        assert r["low_is_master"], "the bf16 routers are not the fp32 master rounded: a copy missed the fold"
+        assert r["bias_after_ship"] == 0.0 and 0.5 < r["shipped_agreement"] <= 1.0
+    assert ranks[0]["masters"] == ranks[1]["masters"] and ranks[0]["lows"] == ranks[1]["lows"]
+    assert ranks[0]["final_master"] == ranks[1]["final_master"]
+    held = torch.load(tmp_path / "held.pt", weights_only=True)
+    stock = _stock_eval(tmp_path / "saved", held, tmp_path)
+    trained = ranks[0]
+    # the saved model is the trained one in bf16 weights: the same routing up to bf16 rounding of the logits
+    assert abs(stock["loss"] - trained["trained_loss"]) < 0.02
+    assert abs(stock["maxvio"] - trained["trained_maxvio"]) < 0.1 + 0.1 * trained["trained_maxvio"]
