@@ -80,7 +80,8 @@ def main(out: Path, stage: int) -> None:
               "fold_fit": bal.metrics()["fold_fit"], "bias_abs_max": float(bal.bias_LE.abs().max()),
               "calls": bal.reducer.calls,
               # the bf16 model is the fp32 master rounded: the fold went into both copies
-              "low_is_master": all(torch.equal(m.to(torch.bfloat16), lp.to(torch.bfloat16)) for m, lp in zip(master, low)),
+              "low_is_master": all(torch.equal(m.to(torch.bfloat16), lp.to(torch.bfloat16))
+                                   for m, lp in zip(master, low)),
               "moved": [float((m - s).abs().max()) for m, s in zip(master, start)]}
     shipped = export.ship(engine.module, None)  # folds the remainder along the online direction (no gather)
     result["shipped_agreement"] = shipped["topk_agreement"]
@@ -88,7 +89,8 @@ def main(out: Path, stage: int) -> None:
     held = [next(batches(val, 8, 128, seed=100 + i)) for i in range(4)]
     engine.eval()
     trained = export.routing_report(engine.module, held)
-    result["trained_loss"], result["trained_maxvio"] = trained["loss"], sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
+    result["trained_loss"] = trained["loss"]
+    result["trained_maxvio"] = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
     result["final_master"] = digest([safe_get_full_fp32_param(p) for p in routers(engine.module)])
     mb.unpatch(engine.module)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
