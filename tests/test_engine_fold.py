@@ -31,8 +31,12 @@ def test_deepspeed_bf16_fold_edits_master_and_model_copies(stage, tmp_path):
         assert r["world"] == 2 and r["stage"] == stage and r["num_steps"] == 12
         assert r["calls"] == 12  # one all-reduce per step: the fold's sums ride it
         assert r["fold_fit"] > 0.05 and max(r["moved"]) > 1e-3
-        assert r["low_is_master"], "the bf16 routers are not the fp32 master rounded: a copy missed the fold"
-        assert r["bias_after_ship"] == 0.0 and 0.5 < r["shipped_agreement"] <= 1.0
+        # bf16 keeps 8 bits: the model copy is the master rounded (twice at most, the step's and the fold's);
+        # a fold missing from either copy would show as a gap of the fold's size (>= 1e-3 of the weights here)
+        assert r["low_master_gap"] < 2 ** -7, r["low_master_gap"]
+        assert r["bias_after_ship"] == 0.0
+        # ZeRO-3 is not run by ship (a forward outside the engine would leave its parameters gathered)
+        assert 0.5 < r["shipped_agreement"] <= 1.0 if stage == 2 else r["shipped_agreement"] != r["shipped_agreement"]
     assert ranks[0]["masters"] == ranks[1]["masters"] and ranks[0]["lows"] == ranks[1]["lows"]
     assert ranks[0]["final_master"] == ranks[1]["final_master"]
     held = torch.load(tmp_path / "held.pt", weights_only=True)

@@ -251,6 +251,15 @@ def attach_to_output(site: RouterSite, output: Any, loss: torch.Tensor, logits: 
     return tuple(items) if isinstance(output, tuple) else items[0]
 
 
+def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The router's own input when no ``F.linear`` call was seen (DeepSpeed ZeRO-3 replaces ``F.linear`` by its
+    own autograd function): the first floating tensor argument; ``report`` checks its token count."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
 class InterceptSelection:
     """Generic strategy: bias the router's own top-k call (see :mod:`.interception`)."""
 
@@ -283,7 +292,7 @@ class InterceptSelection:
         # What the same weights choose without the bias (top-k routers): the routing a stock load would have.
         unbiased = mode.ranked.topk(site.top_k, dim=-1).indices \
             if uses_bias and mode.ranked is not None and not self._mb_argmax else None
-        router_input = mode.linear_call[0] if mode.linear_call is not None else None
+        router_input = mode.linear_call[0] if mode.linear_call is not None else _hidden_argument(args, kwargs)
         return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index,
                       mode.ranked, router_input, unbiased)
 

@@ -79,15 +79,17 @@ def main(out: Path, stage: int) -> None:
     result = {"world": world, "stage": stage, "masters": masters, "lows": lows, "num_steps": bal.num_steps,
               "fold_fit": bal.metrics()["fold_fit"], "bias_abs_max": float(bal.bias_LE.abs().max()),
               "calls": bal.reducer.calls,
-              # the bf16 model is the fp32 master rounded: the fold went into both copies
-              "low_is_master": all(torch.equal(m.to(torch.bfloat16), lp.to(torch.bfloat16))
-                                   for m, lp in zip(master, low)),
+              # the bf16 model follows the fp32 master (up to rounding twice): the fold went into both copies
+              # largest gap between the bf16 routers and their fp32 master, in units of the master's magnitude
+              "low_master_gap": max(float(((m - lp.float()).abs() / m.abs().clamp_min(1e-3)).max())
+                                    for m, lp in zip(master, low)),
               "moved": [float((m - s).abs().max()) for m, s in zip(master, start)]}
-    shipped = export.ship(engine.module, None)  # folds the remainder along the online direction (no gather)
-    result["shipped_agreement"] = shipped["topk_agreement"]
-    result["bias_after_ship"] = float(bal.bias_LE.abs().max())
     held = [next(batches(val, 8, 128, seed=100 + i)) for i in range(4)]
     engine.eval()
+    # folds the remainder along the online direction (no gather); measured where the weights are whole
+    shipped = export.ship(engine.module, held)
+    result["shipped_agreement"] = shipped["topk_agreement"]
+    result["bias_after_ship"] = float(bal.bias_LE.abs().max())
     trained = export.routing_report(engine.module, held)
     result["trained_loss"] = trained["loss"]
     result["trained_maxvio"] = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
