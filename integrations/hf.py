@@ -174,6 +174,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.heatmap_every = heatmap_every
         self.keep_model_aux_loss = keep_model_aux_loss
         self.ship, self.ship_batches = ship, ship_batches
+        self.export: dict[str, float] = {}
         self.export_agreement: float | None = None
         self.trained_bias_LE: torch.Tensor | None = None
         self._warned_model_aux = False
@@ -395,6 +396,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         trainer = self._trainer_ref() if self._trainer_ref else None
         self.trained_bias_LE = self.balancer.bias_LE.detach().clone()  # a fold zeroes it: keep what training made
         shipped = export.ship(model, train_dataloader, limit=self.ship_batches)
+        self.export = shipped  # routing_differ, topk_agreement, maxvio_trained, maxvio_served
         self.export_agreement = shipped["topk_agreement"]
         if trainer is not None:  # the Trainer's own log: console, log_history and the reporters
             trainer.log({f"moe_balance/export_{key}": value for key, value in shipped.items()})

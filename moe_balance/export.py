@@ -40,6 +40,8 @@ from .weights import add_to_param
 
 FOLD_FILE = "moe_balance_fold.safetensors"
 STATE_FILE = "moe_balance.pt"  # what the integrations save beside a checkpoint
+CALIBRATION_ITERATIONS = 32
+"""Forwards the end fold's calibration takes at least (cycling its batches) where no online direction exists."""
 
 
 @dataclass
@@ -173,10 +175,12 @@ def _param_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def estimate_direction(model: torch.nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_direction(model: torch.nn.Module, batches: Iterable[Any], iterations: int = CALIBRATION_ITERATIONS
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fold direction ``a_LD`` and fit ``R^2`` per layer from calibration batches: one conjugate-gradient
-    iteration per batch (the estimator the online fold runs once per step), sums over the balancer's ranks
-    with one all-reduce per batch (every rank must call it with as many batches). ``L x d`` state."""
+    iteration per batch (the estimator the online fold runs once per step), cycling through ``batches`` for at
+    least ``iterations`` forwards; sums over the balancer's ranks with one all-reduce per forward (every rank must
+    call it with as many batches). ``L x d`` state."""
     state = patch_state_of(model)
     balancer = state.balancer
     dims = {full_shape(t[0])[1] for t in (fold_targets(s) for s in folded_sites(state)) if t is not None}
@@ -187,7 +191,8 @@ def estimate_direction(model: torch.nn.Module, batches: Iterable[Any]) -> tuple[
     home = balancer.bias_LE.device
     v_LD, p_LD = (torch.zeros(L, D, dtype=torch.float64, device=home) for _ in range(2))
     a_LD, fit_L = torch.zeros_like(v_LD), torch.zeros(L, dtype=torch.float64, device=home)
-    for batch in batches:
+    batches = list(batches)
+    for batch in itertools.islice(itertools.cycle(batches), max(iterations, len(batches))):
         recorder = _Recorder((v_LD, p_LD))
         _run(model, [batch], recorder)
         sums_L3D = torch.zeros(L, 3, D, dtype=torch.float64, device=home)
@@ -289,7 +294,8 @@ def ship(model: torch.nn.Module, batches: Iterable[Any] | None, limit: int | Non
     balancer = state.balancer
     out = {"routing_differ": balancer.metrics().get("routing_differ", math.nan) if balancer.last_window else 0.0,
            "topk_agreement": math.nan, "maxvio_trained": math.nan, "maxvio_served": math.nan}
-    sharded = any(is_sharded(p) for site in folded_sites(state) for p in site.module.parameters())
+    # any sharded parameter, not only the routers': a native-bias model under ZeRO-3 has no folded site
+    sharded = any(is_sharded(p) for p in model.parameters())
     usable = []
     for batch in itertools.islice(batches or [], 0 if sharded else limit):
         try:

@@ -292,7 +292,12 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     assert bias_before.abs().max() > 0 and bool((callback.balancer.bias_LE == 0).all())
     logged = [row["moe_balance/export_topk_agreement"] for row in trainer.state.log_history
               if "moe_balance/export_topk_agreement" in row]
-    assert logged == [callback.export_agreement] and 0.5 < callback.export_agreement <= 1.0
+    assert logged == [callback.export_agreement] and callback.export_agreement <= 1.0
+    # after a collapse most tokens route otherwise without the bias (routing_differ); the end fold gives a
+    # good part of that routing back (a rank-one weight edit cannot reproduce a large bias token by token:
+    # this is what the online fold is for) and the served balance is logged beside the trained one
+    assert callback.export_agreement > 1.0 - callback.export["routing_differ"] + 0.2, callback.export
+    assert callback.export["maxvio_served"] < 3.0 and callback.export["maxvio_trained"] < 1.0, callback.export
     if model_type == "gpt_oss":  # a router with a linear bias takes the fold exactly (its first layer agrees
         # fully; later layers see inputs changed by the gate weights the fold shifts)
         assert all(f.direction_D is None for f in callback.balancer.fold_report.layers.values())
@@ -302,7 +307,8 @@ def test_hf_trainer_folds_what_is_applied_at_the_end(model_type, tmp_path):
     shipped = export.routing_report(model, data)  # the patched model after the fold applies no bias
     check = export.check_export(tmp_path / "saved", data)
     assert abs(check["loss_stock"] - shipped["loss"]) < 1e-5
-    assert check["topk_agreement_min"] > 0.5
+    # the trained routing rebuilt from the fold record: as close to the stock load as at the end of training
+    assert abs(check["topk_agreement_min"] - callback.export_agreement) < 0.15, (check, callback.export)
 
 
 def test_plain_loop_ships_with_the_explicit_calls(tmp_path):
