@@ -29,7 +29,6 @@ class FoldIntoRouters:
 
     def __init__(self, sites: list[RouterSite]) -> None:
         self.sites = sites
-        self.targets = {site.layer: fold_targets(site) for site in sites}
 
     @torch.no_grad()
     def __call__(self, balancer) -> None:
@@ -43,7 +42,8 @@ class FoldIntoRouters:
         fits = (balancer.fold_fit_L >= MIN_FIT).tolist()  # one host sync per step, outside the forward
         moved = {}
         for site in self.sites:
-            weight, lin_bias = self.targets[site.layer]
+            # looked up at every step: fully_shard (patched before it) and engines swap the Parameter objects
+            weight, lin_bias = fold_targets(site)
             exact = lin_bias is not None
             if not (exact or fits[site.layer]):
                 continue
