@@ -42,6 +42,7 @@ def test_lora_with_frozen_routers_merges_into_a_model_that_routes_as_trained(tmp
     data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(4)]
     trained = export.routing_report(model, data)  # after the end fold: no bias applied
     trained_maxvio = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
+    model.save_pretrained(tmp_path / "adapter")  # PEFT: the LoRA weights only (before merging removes them)
     merged = model.merge_and_unload()
     import moe_balance as mb
     mb.unpatch(merged)
@@ -50,9 +51,10 @@ def test_lora_with_frozen_routers_merges_into_a_model_that_routes_as_trained(tmp
     assert abs(stock["loss"] - trained["loss"]) < 1e-4
     assert abs(stock["maxvio"] - trained_maxvio) < 1e-3 + 0.01 * trained_maxvio
     # the adapter alone on the original base: the LoRA weights travel, the router edit does not
-    model.save_pretrained(tmp_path / "adapter")  # PEFT: adapter weights only
     on_base = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                              tmp_path / "adapter").merge_and_unload()
+    # the adapter's LoRA weights did arrive: its attention equals the merged model's, only the routers differ
+    assert all(torch.equal(p, merged.get_parameter(n)) for n, p in on_base.named_parameters() if "q_proj" in n)
     on_base.save_pretrained(tmp_path / "on_base")
     adapter_only = _stock_eval(tmp_path / "on_base", data, tmp_path)
     print(f"served MaxVio: merged {stock['maxvio']:.3f}, adapter on the original base {adapter_only['maxvio']:.3f}")
