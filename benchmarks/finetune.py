@@ -40,8 +40,8 @@ METHODS: dict[str, tuple[dict | None, float | None, bool]] = {
     # the bias beside the weights: its patched column is the bias-only reference; served, the bias is dropped
     "quantile_no_fold": ({"fold_share": 0.0}, None, False),
     "quantile_end_fold": ({"fold_share": 0.0}, None, True),  # folded once at the end (calibration CG)
-    "default": ({}, None, True),  # quantile, online fold of a tenth per step, the remainder folded at the end
-    "fold_1.0": ({"fold_share": 1.0}, None, True),  # the whole bias every step
+    "default": ({}, None, True),  # quantile, the whole bias folded into the router weights every step
+    "fold_0.1": ({"fold_share": 0.1}, None, True),  # a tenth per step; the remainder folded at the end
     "fold_0.03": ({"fold_share": 0.03}, None, True),
     "fold_0.3": ({"fold_share": 0.3}, None, True),
     # LoRA-like: routers frozen during the fine-tune (no gradient); the online fold still edits them
@@ -167,8 +167,8 @@ def table(rows: list[dict]) -> str:
 
 LABELS = {"none": "none", "hf_aux_1e-3": "HF aux 1e-3", "global_batch_1e-2": "global-batch aux",
           "sign_1e-3": "sign, bias dropped", "quantile_no_fold": "quantile, bias dropped",
-          "quantile_end_fold": "quantile + end fold", "default": "default (online fold 0.1)",
-          "fold_1.0": "online fold 1.0", "fold_0.03": "online fold 0.03", "fold_0.3": "online fold 0.3",
+          "quantile_end_fold": "quantile + end fold", "default": "default (online fold 1.0)",
+          "fold_0.1": "online fold 0.1", "fold_0.03": "online fold 0.03", "fold_0.3": "online fold 0.3",
           "frozen_none": "frozen router", "frozen_default": "frozen + online fold"}
 
 
@@ -235,10 +235,21 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="finetune")
     p.add_argument("--cache", default="runs/finetune_cache")
     p.add_argument("--plot", metavar="CSV", help="only draw the figure of a finished run's CSV")
+    p.add_argument("--merge", nargs="+", metavar="CSV",
+                   help="only merge finished runs (their CSVs and the _curves.json beside each, e.g. one process "
+                        "per pair of seeds) into --out/--tag tables")
     args = p.parse_args(argv)
     if args.plot:
         rows = list(csv.DictReader(open(args.plot)))
         print(figure(rows, Path(args.plot).with_suffix(".png")))
+        return 0
+    if args.merge:
+        rows, curves = [], {}
+        for name in args.merge:
+            rows += [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(open(name))]
+            for method, runs in json.loads(Path(name).with_name(Path(name).stem + "_curves.json").read_text()).items():
+                curves.setdefault(method, []).extend(runs)
+        print(write(rows, curves, Path(args.out), args.tag))
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     general, _ = stdlib_corpus(max_bytes=2_000_000)
@@ -257,15 +268,50 @@ def main(argv=None) -> int:
             curves.setdefault(name, []).append(row.pop("_curve"))
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    with open(out / f"{args.tag}.csv", "w", newline="") as f:
+    print(write(rows, curves, out, args.tag))
+    return 0
+
+
+def _number(text: str) -> object:
+    try:
+        return float(text) if text not in ("",) else math.nan
+    except ValueError:
+        return text
+
+
+def write(rows: list[dict], curves: dict[str, list[list[float]]], out: Path, tag: str) -> str:
+    """CSV, curves JSON, the Markdown tables and the figure under ``out/tag``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader(), writer.writerows(rows)
-    (out / f"{args.tag}_curves.json").write_text(json.dumps(curves))
-    text = table(rows) + "\nTraining-window MaxVio per tenth of the run (mean over seeds)\n\n" + stretch_table(curves)
-    (out / f"{args.tag}.md").write_text(text)
-    figure(rows, out / f"{args.tag}.png")
-    print(text)
-    return 0
+    (out / f"{tag}_curves.json").write_text(json.dumps(curves))
+    text = (table(rows) + "\nPaired by seed (served = stock load)\n\n" + paired_table(rows)
+            + "\nTraining-window MaxVio per tenth of the run (mean over seeds)\n\n" + stretch_table(curves))
+    (out / f"{tag}.md").write_text(text)
+    figure(rows, out / f"{tag}.png")
+    return text
+
+
+def paired_table(rows: list[dict], reference: str = "quantile_no_fold", baseline: str = "none") -> str:
+    """Per method, paired by seed: served MaxVio over the bias-only run's patched MaxVio (held-out files and
+    train-like batches), served loss minus that run's patched loss and minus the unbalanced run's."""
+    by = {(r["method"], int(r["seed"])): r for r in rows}
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"| method | served / {reference} patched MaxVio, held-out | same, train-like batches | "
+             f"served loss - {reference} patched | served loss - {baseline} |", "|---|---|---|---|---|"]
+    for name in names:
+        seeds = [int(r["seed"]) for r in rows if r["method"] == name
+                 and (reference, int(r["seed"])) in by and (baseline, int(r["seed"])) in by]
+        if not seeds:
+            continue
+        pick = [(by[(name, s)], by[(reference, s)], by[(baseline, s)]) for s in seeds]
+        ratio = [m["maxvio_stock"] / ref["maxvio_patched"] for m, ref, _ in pick]
+        ratio_like = [m["maxvio_like_stock"] / ref["maxvio_like_patched"] for m, ref, _ in pick]
+        d_ref = [m["val_stock"] - ref["val_patched"] for m, ref, _ in pick]
+        d_base = [m["val_stock"] - base["val_stock"] for m, _, base in pick]
+        lines.append(f"| {name} | {cell(ratio, 3)} | {cell(ratio_like, 3)} | {cell(d_ref, 4)} | {cell(d_base, 4)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def one(shape: tuple[int, int, int, int], fold: bool, seed: int, tokens: int, re
     L, D, E, K = shape
     torch.manual_seed(seed)
     bal = mb.Balancer(num_layers=L, num_experts=E, top_k=K, router_dim=D if fold else None,
-                      fold_share=0.1 if fold else 0.0)
+                      fold_share=1.0 if fold else 0.0)
     routers = [torch.nn.Parameter(torch.randn(E, D) * 0.02) for _ in range(L)]
     if fold:
         hook = FoldIntoRouters.__new__(FoldIntoRouters)

@@ -59,7 +59,7 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
     # the bias kept beside the weights (no fold): the "bias-only" reference; served, it is dropped
     "quantile_no_fold": ({"bias_update": "quantile", "fold_share": 0.0}, None),
-    "quantile_fold_1.0": ({"bias_update": "quantile", "fold_share": 1.0}, None),
+    "quantile_fold_0.1": ({"bias_update": "quantile", "fold_share": 0.1}, None),
     "quantile_fold_0.3": ({"bias_update": "quantile", "fold_share": 0.3}, None),
     "quantile_fold_0.03": ({"bias_update": "quantile", "fold_share": 0.03}, None),
 }

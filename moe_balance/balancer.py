@@ -465,7 +465,8 @@ class Balancer(nn.Module):
         ``maxvio_layer_median/p95/max`` and ``maxvio_worst_layer``; ``routing_differ`` (share of tokens whose
         experts differ from what the same weights choose without the bias: what a stock load would change) and,
         with the online fold, ``fold_fit`` (mean over layers of the share of a constant the router inputs
-        explain); with ``expert_parallel_size > 1`` ``ep_imbalance`` (busiest expert-parallel rank's load over
+        explain) and ``fold_moved_abs_max`` (largest per-expert logit shift moved into the weights at the last
+        step); with ``expert_parallel_size > 1`` ``ep_imbalance`` (busiest expert-parallel rank's load over
         the mean, minus 1, mean over layers) and ``ep_imbalance_max``; with ``per_layer`` also ``layer<i>/<name>``.
         """
         window = self.last_window if self.last_window is not None else self.current_window()
@@ -500,6 +501,8 @@ class Balancer(nn.Module):
         out["routing_differ"] = layer_mean(window["differ_L"] / window["tokens_L"].clamp_min(1.0))
         if self.router_dim is not None:
             out["fold_fit"] = float(self.fold_fit_L.mean())
+            moved = getattr(self, "fold_moved_abs_max", None)
+            out["fold_moved_abs_max"] = float(moved) if moved is not None else 0.0
         out.update(self._controller_metrics(window["counts_LE"], active_L))
         reported_L = window["reported_batches_L"]
         if bool((reported_L > 0).any()):
@@ -571,8 +574,11 @@ class Balancer(nn.Module):
             self.set_extra_state(extra)  # shape check first, with a clear message
         # Window statistics are empty at a checkpoint, and states from another rule or an older version
         # lack the quantile/flip buffers: keep ours for what is missing, drop windows we do not keep.
-        optional = {name for name, _ in _WINDOW_FIELDS} | {"quantile_hist_LEB", "quantile_range_L",
-                                                            "last_delta_sign_LE", "quantile_gain_LE"}
+        # The fold's estimator (CG iterate, direction, fit) restarts from zero where a state has none (saved with
+        # fold_share=0); it is an estimate of the inputs' moments, not part of the routing.
+        optional = {name for name, _ in _WINDOW_FIELDS + _FOLD_FIELDS} | {
+            "quantile_hist_LEB", "quantile_range_L", "last_delta_sign_LE", "quantile_gain_LE",
+            "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L"}
         own = self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
         state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})

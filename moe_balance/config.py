@@ -34,9 +34,11 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
 
 
-DEFAULT_FOLD_SHARE = 0.1
-"""Each step the weights take a tenth of the bias: they carry its average over ~10 steps while the bias keeps
-each step's noise (measured against 1, which folds every step's noise into the weights: docs/serving.md)."""
+DEFAULT_FOLD_SHARE = 1.0
+"""Each step the weights take the whole bias: they carry the routing at every step (a checkpoint saved mid-run,
+or weights synced to an RL rollout engine, routes as the trainer does). Measured against 0.1 and 0.3, which keep
+a remainder that agrees with the trained routing on only 93-95% of choices when folded at the end
+(docs/serving.md)."""
 
 
 def resolved_bias_space(bias_update: str, bias_space: str) -> str:
@@ -137,12 +139,12 @@ class BalanceConfig:
     (bias in logit space; :mod:`moe_balance.fold`): the router's linear bias takes it exactly where it has one,
     else the weight takes ``b a^T`` with ``a . x ~ 1`` on the router inputs (estimated online). The controller
     keeps pricing from the current scores, so it corrects what the fold misses. The weights then carry the
-    routing during training, not only at its end: a checkpoint saved at any step routes almost as trained in
-    stock transformers, vLLM and SGLang (the ``routing_differ`` metric says how closely), with no need to know
-    the run's length. What stays in the bias is the last steps' price noise, which the served model is better
-    without (docs/serving.md). None = auto: 0.1 when the bias is in logit space (the quantile default), else 0
-    (a bias on probabilities is no constant in logits); 1 = the weights carry all of it at every step; 0 = off,
-    the bias lives beside the weights and is lost when the model is served."""
+    routing during training, not only at its end: a checkpoint saved at any step routes as trained in stock
+    transformers, vLLM and SGLang (the ``routing_differ`` metric says how closely), with no need to know the
+    run's length. None = auto: 1 when the bias is in logit space (the quantile default), else 0 (a bias on
+    probabilities is no constant in logits); below 1 a remainder stays in the bias and is folded at the end of
+    training, less exactly (docs/serving.md); 0 = off, the bias lives beside the weights and is lost when the
+    model is served."""
     quantile_adaptive_step: bool = False
     """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
     small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):

@@ -204,6 +204,9 @@ METRICS: dict[str, tuple[str, str | None]] = {
                        None),
     "fold_fit": ("share of a constant the router inputs explain (`mu . v`, mean over layers): how exactly the online "
                  "fold moves the bias into the weights", "the online fold (`fold_share` > 0)"),
+    "fold_moved_abs_max": ("largest per-expert logit shift the online fold moved into the router weights at the "
+                           "last step: the price the controller set (with `fold_share=1` the bias itself stays 0)",
+                           "the online fold (`fold_share` > 0)"),
     "layer<i>/<name>": ("per-layer values", "`log_per_layer`"),
 }
 

@@ -96,8 +96,8 @@ def test_retired_keys_say_what_replaced_them_and_saved_configs_drop_them():
 
 
 def test_fold_share_needs_a_bias_in_logit_space():
-    assert mb.BalanceConfig().fold_share_resolved == 0.1
+    assert mb.BalanceConfig().fold_share_resolved == mb.config.DEFAULT_FOLD_SHARE == 1.0
     assert mb.BalanceConfig(bias_update="sign").fold_share_resolved == 0.0  # a bias on probabilities
-    assert mb.BalanceConfig(bias_update="sign", bias_space="logits").fold_share_resolved == 0.1
+    assert mb.BalanceConfig(bias_update="sign", bias_space="logits").fold_share_resolved == 1.0
     with pytest.raises(ValueError, match="fold_share=0.5 needs a bias in logit space"):
         mb.BalanceConfig(bias_update="sign", fold_share=0.5)

@@ -99,9 +99,10 @@ def test_fold_share_zero_never_touches_the_weights_and_the_default_keeps_most_of
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert bal.metrics()["routing_differ"] > 0  # the bias alone routes: stock would differ
     mb.unpatch(model)
-    bal = mb.patch(model)  # default: a tenth per step
-    _train_steps(model, bal, _ids(4, n=3))
-    assert bal.config.fold_share_resolved == 0.1 and bal.bias_LE.abs().max() > 0
+    bal = mb.patch(model)  # default: the whole bias every step (from the step the direction fits)
+    _train_steps(model, bal, _ids(4, n=6))
+    assert bal.config.fold_share_resolved == 1.0 and bal.metrics()["fold_moved_abs_max"] > 0
+    assert bal.bias_LE.abs().max() == 0 and bal.metrics()["routing_differ"] < 0.05  # the weights alone route
     mb.unpatch(model)
 
 

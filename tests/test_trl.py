@@ -158,6 +158,14 @@ def _sft(tiny, cb_fields=None, callback=True, max_steps=4, **config):
     return trainer, cb, probe
 
 
+def price_moved(trainer, cb) -> float:
+    """The largest price the controller set: in the bias as training left it, or (the default online fold) in
+    what the fold moved into the router weights at a logged step."""
+    moved = [h["moe_balance/fold_moved_abs_max"] for h in trainer.state.log_history
+             if "moe_balance/fold_moved_abs_max" in h]
+    return max([float(cb.trained_bias_LE.abs().max()), *moved])
+
+
 @pytest.mark.parametrize("fields", [{}, {"aux_loss": "global_batch", "bias_update": "sign"}],
                          ids=["default", "aux_config"])
 def test_sft_callback_owns_balancing_at_every_step(tiny, fields):
@@ -170,7 +178,7 @@ def test_sft_callback_owns_balancing_at_every_step(tiny, fields):
     assert "keep_model_aux_loss=True" in _moe_warnings(record)[0]
     assert_no_pooled_aux(trainer, probe)
     assert_balanced_counting(trainer, cb, probe)
-    assert cb.trained_bias_LE.abs().max() > (0.05 if not fields else 0.0)  # before the end-of-training fold
+    assert price_moved(trainer, cb) > (0.05 if not fields else 0.0)
     if fields:
         assert all(h["moe_balance/aux_loss"] > 0 for h in trainer.state.log_history if "loss" in h)
 
@@ -382,7 +390,7 @@ def test_grpo_num_iterations_1_bias_never_moves_between_generation_and_training(
     shift = RoutingShift(trainer, cb.balancer)
     trainer.train()
     assert_balanced_counting(trainer, cb, probe)
-    assert cb.trained_bias_LE.abs().max() > 0.1  # before the end-of-training fold
+    assert price_moved(trainer, cb) > 0.1
     assert len(shift.records) == 3 and all(r["bias_moved"] == 0 and r["topk_changed"] == 0 for r in shift.records)
     assert all("trl_ratio_dev_mean" not in r for r in shift.records)  # no old log-probs: ratio == 1 by design
 

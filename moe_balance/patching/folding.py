@@ -32,7 +32,9 @@ class FoldIntoRouters:
 
     @torch.no_grad()
     def __call__(self, balancer) -> None:
-        self.fold(balancer, balancer.config.fold_share_resolved)
+        moved = self.fold(balancer, balancer.config.fold_share_resolved)
+        # the logit shift the weights took this step (the bias a rule without the fold would show); no host sync
+        balancer.fold_moved_abs_max = torch.stack([m.abs().max() for m in moved.values()]).max() if moved else None
 
     @torch.no_grad()
     def fold(self, balancer, share: float) -> dict[int, torch.Tensor]:
