@@ -24,6 +24,7 @@ from moe_balance.patching.folding import FoldIntoRouters
 SHAPES = {  # layers, hidden, experts, top_k
     "Qwen3-235B-A22B": (94, 4096, 128, 8),
     "gpt-oss-120b": (36, 2880, 128, 4),
+    "toy": (4, 64, 16, 2),  # the smoke test's
 }
 
 
@@ -50,10 +51,7 @@ def one(shape: tuple[int, int, int, int], fold: bool, seed: int, tokens: int, re
                       fold_share=1.0 if fold else 0.0)
     routers = [torch.nn.Parameter(torch.randn(E, D) * 0.02) for _ in range(L)]
     if fold:
-        hook = FoldIntoRouters.__new__(FoldIntoRouters)
-        hook.sites = [_Site(layer, w) for layer, w in enumerate(routers)]
-        hook.targets = {site.layer: (routers[site.layer], None) for site in hook.sites}
-        bal.post_step_hooks.append(hook)
+        bal.post_step_hooks.append(FoldIntoRouters([_Site(layer, w) for layer, w in enumerate(routers)]))
     x_TD = torch.randn(tokens, D) + 0.5  # router inputs with a mean
     times = []
     for _ in range(repeats):
@@ -71,7 +69,7 @@ def one(shape: tuple[int, int, int, int], fold: bool, seed: int, tokens: int, re
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--shapes", default="Qwen3-235B-A22B,gpt-oss-120b", help=f"comma-separated, of {list(SHAPES)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=4, help="steps timed per seed (the first is warm-up)")
     p.add_argument("--tokens", type=int, default=256, help="router inputs observed per layer and step")

@@ -361,7 +361,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, **kwargs: Any) -
 
 def write_fold_record(model: torch.nn.Module, folder: str | Path) -> Path | None:
     """Write ``moe_balance_fold.safetensors`` into ``folder`` for a patched model: what :func:`fold_bias` folded
-    (nothing after a full hand-over: the trained model then applied no bias and is the saved one)."""
+    (nothing with fold_share=1: the trained model then applied no bias and is the saved one)."""
     from safetensors.torch import save_file
     state = patch_state_of(model)
     if state is None:

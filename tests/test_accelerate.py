@@ -79,6 +79,39 @@ def test_save_state_load_state_round_trip(tmp_path):
     assert torch.equal(bal.bias_LE, saved_bias) and bal.num_steps == saved_steps == 3
 
 
+def test_default_fold_ships_a_model_stock_transformers_routes_as_trained(tmp_path):
+    """Accelerate with the default config: the online fold moves the bias into the router weights after every
+    synced step; the saved model, loaded by stock transformers in a fresh process, has the trained loss and
+    balance and is far better balanced than the skewed start."""
+    from moe_balance import export
+
+    from .test_export import _stock_eval
+    acc, model, opt, loader = setup(ga=2, bs=8)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    bal = attach(acc, model, opt)
+    assert bal.config.fold_share_resolved == 1.0 and bal.router_dim is not None
+    train, _ = stdlib_corpus(max_bytes=1_000_000)
+    data = [train[-20_000 + i * 2048:-20_000 + (i + 1) * 2048].reshape(16, 128) for i in range(3)]
+    start = export.routing_report(model, data)
+    for batch in loader:
+        with acc.accumulate(model):
+            acc.backward(model(**batch).loss)
+            opt.step()
+            opt.zero_grad()
+        if bal.num_steps == 30:
+            break
+    assert bal.metrics()["fold_fit"] > 0.05 and bal.metrics()["routing_differ"] == 0.0
+    shipped = export.ship(model, data)
+    assert shipped["topk_agreement"] == 1.0 and shipped["maxvio_served"] == shipped["maxvio_trained"]
+    trained = export.routing_report(model, data)
+    export.save_pretrained(acc.unwrap_model(model), tmp_path / "saved")
+    stock = _stock_eval(tmp_path / "saved", data, tmp_path)
+    trained_maxvio = sum(trained["maxvio_L"]) / len(trained["maxvio_L"])
+    assert abs(stock["loss"] - trained["loss"]) < 1e-4
+    assert abs(stock["maxvio"] - trained_maxvio) < 1e-3 + 0.01 * trained_maxvio
+    assert stock["maxvio"] < 0.6 * sum(start["maxvio_L"]) / len(start["maxvio_L"]), (stock, start["maxvio_L"])
+
+
 def test_clear_errors():
     acc, model, opt, loader = setup()
     with pytest.raises(ValueError, match="after prepare"):
