@@ -20,19 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Heaviest files first: ``--dist loadfile`` hands files to idle workers in collection order, so the long
-    multi-process files start early and the short ones fill the end instead of one worker idling on a long
-    file at the end (weight: a slow test, seconds to a minute, counts as 50 quick ones, a fraction of a second).
-    The order inside a file is kept."""
-    weight: dict[str, int] = {}
-    for item in items:
-        path = item.fspath.strpath
-        weight[path] = weight.get(path, 0) + (50 if item.get_closest_marker("slow") else 1)
-    first_seen = {path: i for i, path in enumerate(dict.fromkeys(item.fspath.strpath for item in items))}
-    items.sort(key=lambda item: (-weight[item.fspath.strpath], first_seen[item.fspath.strpath]))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

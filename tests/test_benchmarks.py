@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: str, cwd) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -47,7 +47,7 @@ def test_quality_quick_smoke(tmp_path):
 
 
 def test_finetune_smoke(tmp_path):
-    out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "10", "--pretrain-steps", "4",
+    out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "8", "--pretrain-steps", "2",
               "--methods", "none,quantile_no_fold,default", "--eval-batches", "2", "--fold-batches", "2",
               "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "finetune.csv").open())}

@@ -35,18 +35,19 @@ def _fit(root, cb, steps, bs=8, n=None, lr=1e-3, model=None, **overrides):
 
 @pytest.mark.slow
 def test_balances_a_skewed_model_against_a_control(tmp_path):
-    """Same seed, data and steps; only the bias rule differs. Measured here: held-out MaxVio 0.38 vs control 2.78."""
+    """Same seed, data and steps; only the bias rule differs (the default, with its online fold, against none)."""
     val, _ = stdlib_corpus(max_bytes=300_000, split="val")
     ends = {}
-    for rule in ("sign", "none"):
+    for rule in ("quantile", "none"):
         torch.manual_seed(0)
-        cb = MoEBalanceCallback(bias_update=rule, bias_update_rate=3e-3)
-        tr, module = _fit(tmp_path / rule, cb, steps=500)
-        assert cb.balancer.num_steps == 500 == tr.global_step
+        cb = MoEBalanceCallback(bias_update=rule)
+        tr, module = _fit(tmp_path / rule, cb, steps=150)
+        assert cb.balancer.num_steps == 150 == tr.global_step
         assert "moe_balance/maxvio_global" in tr.callback_metrics
         ends[rule] = eval_maxvio(module.model, cb.balancer, val, n_batches=4)
+    print("held-out MaxVio", ends)
     assert ends["none"] > 2.0, ends
-    assert ends["sign"] < ends["none"] / 4, ends
+    assert ends["quantile"] < ends["none"] / 4, ends
 
 
 class _GradCapture(pl.Callback):
