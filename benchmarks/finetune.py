@@ -180,7 +180,8 @@ def stretch_table(curves: dict[str, list[list[float]]], reference: str = "quanti
 
     def tenths(runs: list[list[float]]) -> list[float]:
         n = len(runs[0])
-        return [statistics.mean(statistics.mean(r[i * n // 10:(i + 1) * n // 10]) for r in runs) for i in range(10)]
+        bounds = [(i * n // 10, max((i + 1) * n // 10, i * n // 10 + 1)) for i in range(10)]  # >= 1 step each
+        return [statistics.mean(statistics.mean(r[a:b]) for r in runs) for a, b in bounds]
 
     ref = tenths(curves[reference])
     header = " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(10))

@@ -47,7 +47,7 @@ def test_quality_quick_smoke(tmp_path):
 
 
 def test_finetune_smoke(tmp_path):
-    out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "8", "--pretrain-steps", "2",
+    out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "10", "--pretrain-steps", "2",
               "--methods", "none,quantile_no_fold,default", "--eval-batches", "2", "--fold-batches", "2",
               "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "finetune.csv").open())}

@@ -20,7 +20,7 @@ def test_gpu_smoke_cpu_dry_run(tmp_path):
     # one generic-router model: the native-bias path of every check runs in the CPU tests already
     cmd = [sys.executable, str(ROOT / "examples" / "gpu_smoke.py"), "--cpu", "--steps", "8", "--models", "mixtral",
            "--output-dir", str(tmp_path / "smoke")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -1,9 +1,10 @@
 """The bias rule balances a deliberately skewed tiny model on real text, per strategy.
 
-Measured here (250 steps, batch 16x64 bytes, AdamW 1e-3, sign rule 1e-2, 8 experts top-2, held-out MaxVio on
-24k tokens): the unbalanced control stays near 2.9 (collapse on two experts), the sign rule ends at 0.36
-(Mixtral) and 0.24 (DeepSeek-V3); DeepSeek-V2's group-limited routing at 1.1 (the bias acts only inside the
-groups chosen from unbiased scores). The asserts are those margins with room for seed noise.
+Measured here (600 steps, batch 16x64 bytes, AdamW 1e-3, 8 experts top-2, held-out MaxVio on
+24k tokens): the unbalanced control stays near 2.6-2.9 (collapse on two experts), the sign rule
+ends around 0.1-0.45 depending on the architecture. The learning router keeps pulling towards
+collapse, so < 0.1 is not reached within a few hundred steps on these tiny models; the asserts
+below are the margins we measured, with room for seed noise.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from moe_balance.testing import train_skewed
 
 pytestmark = pytest.mark.slow
-STEPS = 250
+STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +23,15 @@ def control():
 
 
 # DeepSeek-V2's group-limited routing picks groups from unbiased scores; the bias only acts
-# inside the chosen groups, so it balances less (measured 1.1 against a control of 2.9).
+# inside the chosen groups, so it balances less (measured 0.64 against a control of 2.5).
 @pytest.mark.parametrize("model_type, strategy, bound", [("mixtral", "generic", 0.6),
                                                          ("deepseek_v3", "native_bias", 0.6),
-                                                         ("deepseek_v2", "group_limited", 1.4)])
+                                                         ("deepseek_v2", "group_limited", 0.8)])
 def test_bias_rule_balances_skewed_model(model_type, strategy, bound, control):
-    run = train_skewed(model_type, STEPS, bias_update="sign", bias_update_rate=1e-2)
+    run = train_skewed(model_type, STEPS, bias_update="sign", bias_update_rate=1e-3)
     assert run["start_maxvio"] > 1.0
     assert run["end_maxvio"] < bound, run
-    assert run["end_maxvio"] < control["end_maxvio"] / 2, (run, control)
+    assert run["end_maxvio"] < control["end_maxvio"] / 3, (run, control)
     assert run["last_loss"] < run["first_loss"] - 1.0, run  # the LM still learns
 
 
