@@ -257,7 +257,7 @@ def check_bias_moves(s: Smoke, model_type: str, precision: str):
 
 
 def check_ships(s: Smoke, model_type: str, precision: str):
-    """The default config hands the routing over to the router weights; trainer.save_model() then writes a
+    """The default config folds the bias into the router weights every step; trainer.save_model() then writes a
     model that stock transformers routes as trained, on this device and in this precision."""
     from moe_balance import export
     cb = MoEBalanceCallback(heatmap_every=0)
