@@ -174,8 +174,7 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.heatmap_every = heatmap_every
         self.keep_model_aux_loss = keep_model_aux_loss
         self.ship, self.ship_batches = ship, ship_batches
-        self.export: dict[str, float] = {}
-        self.export_agreement: float | None = None
+        self.export: dict[str, float] = {}  # what ship() measured at on_train_end
         self.trained_bias_LE: torch.Tensor | None = None
         self._warned_model_aux = False
         self._images = BalanceImages(heatmap_every)
@@ -386,6 +385,11 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(extra)
         return control
 
+    @property
+    def export_agreement(self) -> float | None:
+        """Lowest per-layer top-k agreement of the shipped model with the trained one (None before the end)."""
+        return self.export.get("topk_agreement")
+
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         """The trained routing must survive without moe-balance: fold whatever bias the generic routers still
         apply into their weights (nothing once the online fold carries it), and log the balance the saved model
@@ -397,7 +401,6 @@ class MoEBalanceCallback(TrainerCallback, ExportableState):
         self.trained_bias_LE = self.balancer.bias_LE.detach().clone()  # a fold zeroes it: keep what training made
         shipped = export.ship(model, train_dataloader, limit=self.ship_batches)
         self.export = shipped  # routing_differ, topk_agreement, maxvio_trained, maxvio_served
-        self.export_agreement = shipped["topk_agreement"]
         if trainer is not None:  # the Trainer's own log: console, log_history and the reporters
             trainer.log({f"moe_balance/export_{key}": value for key, value in shipped.items()})
         return control

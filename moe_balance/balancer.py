@@ -139,6 +139,8 @@ class Balancer(nn.Module):
         self.step_callbacks: list[Any] = []
         # Called after each bias update only, before step_callbacks (the online fold edits router weights).
         self.post_step_hooks: list[Any] = []
+        # the largest logit shift the online fold moved into the weights at the last step (set by its hook)
+        self.fold_moved_abs_max: torch.Tensor | None = None
 
     def _window_shape(self, width: Any) -> tuple[int, ...]:
         if width is None:
@@ -501,7 +503,7 @@ class Balancer(nn.Module):
         out["routing_differ"] = layer_mean(window["differ_L"] / window["tokens_L"].clamp_min(1.0))
         if self.router_dim is not None:
             out["fold_fit"] = float(self.fold_fit_L.mean())
-            moved = getattr(self, "fold_moved_abs_max", None)
+            moved = self.fold_moved_abs_max
             out["fold_moved_abs_max"] = float(moved) if moved is not None else 0.0
         out.update(self._controller_metrics(window["counts_LE"], active_L))
         reported_L = window["reported_batches_L"]
