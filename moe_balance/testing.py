@@ -55,8 +55,16 @@ _TINY_EXTRA: dict[str, dict] = {
                         q_lora_rank=16,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1),
     "glm4_moe": dict(n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
-    "glm4_moe_lite": dict(num_key_value_heads=4),
-    "glm_moe_dsa": dict(num_key_value_heads=4, first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"]),
+    # explicit MLA sizes: transformers 5.6 and 5.24 derive different head widths from the defaults
+    "glm4_moe_lite": dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                          kv_lora_rank=16, q_lora_rank=16),
+    "ergo": dict(num_dense_blocks=0, mlp_layer_types=["sparse", "sparse"], shared_intermediate_size=32,
+                 first_dense_intermediate_size=64),
+    "kolibri1_1": dict(head_dim=16, num_attention_heads=2, num_key_value_heads=1, index_num_heads=1,
+                       mlp_only_layers=[], shared_expert_intermediate_size=32),
+    "glm_moe_dsa": dict(num_key_value_heads=4, first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"],
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16,
+                        index_head_dim=16, index_n_heads=2),
     "axk2": dict(num_key_value_heads=4),
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
@@ -147,7 +155,10 @@ def tiny_config(model_type: str, experts: int = 8, top_k: int = 2, **overrides):
         if name in extra:
             extra[name] = experts if name == "moe_num_experts" else top_k
     kwargs = {**_TINY_COMMON, **sizes, **extra, **overrides}
-    return AutoConfig.for_model(model_type, **kwargs)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    if "moe_topk" not in kwargs and isinstance(getattr(config, "moe_topk", None), int):
+        config.moe_topk = top_k  # transformers 4.57 LongCat reads moe_topk only (default 12)
+    return config
 
 
 def tiny_model(model_type: str, seed: int = 0, experts: int = 8, top_k: int = 2, **overrides):
@@ -202,8 +213,10 @@ def skew_routers(model: torch.nn.Module, sample_ids: torch.Tensor, strength: flo
     """Make every router prefer low-numbered experts: adds ``s_e`` (from +strength to -strength)
     to expert e's logit for a typical token, along the mean direction of the router inputs."""
     from .patching.api import find_routers
+    from .patching.registry import router_owner
     modules = dict(model.named_modules())
-    routers = [modules[r["name"]] for r in find_routers(model)]
+    # the module holding the router weight (a 4.x sparse block: its linear gate), fed the block's input
+    routers = [router_owner(modules[r["name"]], r["num_experts"]) for r in find_routers(model) if r["strategy"]]
     means: dict[int, torch.Tensor] = {}
     hooks = [r.register_forward_pre_hook(
         lambda m, args, i=i: means.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).float().mean(0)))

@@ -199,10 +199,16 @@ STOCK_EVAL = textwrap.dedent("""
             idx = output[-1] if isinstance(output, tuple) else output
             counts[name] = counts.get(name, 0) + torch.bincount(idx.reshape(-1), minlength=module.num_experts)
         return record
+    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     for name, module in model.named_modules():
         if type(module).__name__.endswith(("TopKRouter", "Router")) and hasattr(module, "weight"):
             module.num_experts = module.weight.shape[0]
             module.register_forward_hook(hook(name))
+        elif name.endswith(".gate") and type(module).__name__ == "Linear" and module.out_features == experts:
+            # transformers 4.x: a linear gate, its block takes the top-k of its logits
+            module.num_experts = experts
+            module.register_forward_hook(lambda m, a, out, name=name: hook(name)(
+                m, a, out.topk(model.config.num_experts_per_tok, dim=-1).indices))
     assert counts == {} and any(True for _ in model.parameters())
     losses = []
     with torch.no_grad():
@@ -226,6 +232,7 @@ def _stock_eval(folder, data, tmp_path) -> dict:
     return stock
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_hf_trainer_ships_a_model_that_stock_transformers_routes_as_trained(model_type, tmp_path):
     """Train a skewed generic-router model with the callback's default config, save it with

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..balancer import Balancer
 from ..config import BalanceConfig, resolve_config
-from . import registry
+from . import registry, versions
 from ..balancer import load_state_file
 from .folding import FoldIntoRouters, fold_targets
 from .strategies import (STRATEGIES, BatchInfoHook, NativeBiasSync, PatchState, RouterSite, find_native_bias,
@@ -40,13 +40,20 @@ def model_type_of(model: nn.Module) -> str | None:
 def find_routers(model: nn.Module) -> list[dict[str, Any]]:
     """Every router-like module: name, class, experts, top-k, scoring and the strategy that applies."""
     config = getattr(model, "config", None)
+    modules = dict(model.named_modules())
     found = []
-    for name, module in model.named_modules():
+    for name, module in modules.items():
         cls = registry.original_class(module)
-        if not registry.is_router_candidate(module):
+        if not (registry.is_router_candidate(module) or registry.is_gate_block(module)):
             continue
         strategy, score_func = registry.detect(module, config)
         experts, top_k = registry.router_shape(module, config)
+        parent_name = name.rpartition(".")[0]
+        if not registry.selects_itself(module) and parent_name in modules \
+                and registry.selects_itself(modules[parent_name]):
+            # the router scores, its MoE block chooses (transformers 5.6 DeepSeek-V3, 4.57 HunYuan): patch the block
+            name = parent_name
+            strategy = strategy or registry.detect(modules[parent_name], config)[0]
         found.append({"name": name, "class": cls.__name__, "num_experts": experts, "top_k": top_k,
                       "score_func": score_func, "strategy": strategy})
     return found
@@ -123,11 +130,8 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
                                     f"(num_experts, top_k): {sorted(map(str, shapes))}; register them with "
                                     "num_experts=/top_k= getters")
     num_experts, top_k = shapes.pop()
-    if model_type in registry.UNVERIFIED:
-        warnings.warn(f"moe_balance: model_type {model_type!r} is patched by auto-detection but not verified bit-exact "
-                      f"here ({registry.UNVERIFIED[model_type]}); check outputs once with a zero bias", UserWarning,
-                      stacklevel=2)
     modules = dict(model.named_modules())
+    check_parity = selftest and _needs_parity_check(model_type, [modules[f["name"]] for f in usable])
     router_dim = _fold_router_dim(cfg, usable, modules, num_experts)
     balancer = Balancer(cfg, num_layers=len(usable), num_experts=num_experts, top_k=top_k,
                         process_group=process_group, router_dim=router_dim)
@@ -175,11 +179,29 @@ def patch(model: nn.Module, config: BalanceConfig | Mapping[str, Any] | None = N
     except Exception:
         unpatch(model)
         raise
+    if check_parity:
+        patch_state.parity_pending = {site.layer for site in patch_state.sites}
     if selftest:
         patch_state.forward_hits = set()
         handle = model.register_forward_hook(FirstForwardCheck(model, patch_state))
         patch_state.check_hook_id = handle.id
     return balancer
+
+
+def _needs_parity_check(model_type: str | None, routers: list[nn.Module]) -> bool:
+    """A transformers architecture not verified on the installed release is compared with its stock routing on the
+    first forward (see :mod:`.versions`); routers registered by the user or DeepSpeed's gates are not."""
+    from_transformers = any(registry.transformers_package(m) for m in routers)
+    if model_type is None or versions.is_verified(model_type) or not from_transformers:
+        return False
+    release = versions.installed_series()
+    where = versions.verified_on(model_type)
+    reason = registry.UNVERIFIED.get(model_type) or versions.BROKEN.get((model_type, release))
+    warnings.warn(f"moe_balance: model_type {model_type!r} is not verified on transformers {release} (verified on "
+                  f"{', '.join(where) or 'no tested release'}{'; ' + reason if reason else ''}): its patched routers "
+                  "are compared with the stock ones at a zero bias on the first forward, and refused if they differ",
+                  UserWarning, stacklevel=3)
+    return True
 
 
 def folded_sites(state: PatchState) -> list[RouterSite]:
@@ -275,6 +297,15 @@ class FirstForwardCheck:
         if missing:
             unpatch(self.model)
             raise _bypass_error(missing, "the model's first forward (the patch was removed)")
+        if state.parity_failures:
+            failed, state.parity_failures = state.parity_failures, []
+            unpatch(self.model)
+            model_type = model_type_of(self.model)
+            raise versions.UnverifiedRouterError(
+                f"moe_balance: model_type {model_type!r} is not verified on transformers {versions.installed_series()} "
+                f"(verified on {', '.join(versions.verified_on(model_type or '')) or 'no tested release'}), and "
+                f"at a zero bias its patched routers do not route as the stock ones: {failed}. The patch was removed. "
+                "Use a verified transformers release, or register the router with moe_balance.register_router.")
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import torch
 
 from ..fold import MIN_FIT
 from ..weights import add_to_param
+from .registry import router_owner
 from .strategies import RouterSite, full_shape
 
 
@@ -13,7 +14,8 @@ def fold_targets(site: RouterSite) -> tuple[torch.Tensor, torch.Tensor | None] |
     """The router's ``[E, D]`` linear weight and its ``[E]`` linear bias (or None), found among its parameters
     (ZeRO-3 partitioned ones by their full shape); None when it has no such weight."""
     E = site.num_experts
-    params = list(site.module.parameters())
+    owner = router_owner(site.module, E)  # a block patched for its router: the router's weights
+    params = list(owner.parameters())
     weights = [p for p in params if len(full_shape(p)) == 2 and full_shape(p)[0] == E]
     if len(weights) != 1:
         return None

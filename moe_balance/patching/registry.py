@@ -30,6 +30,8 @@ MODEL_TYPES: dict[str, str] = {
     "qwen4_exp_text": "generic", "qwen4_exp": "generic",
     "deepseek_v32": "native_bias", "kimi_linear": "native_bias", "bailing_hybrid": "native_bias", "axk1": "native_bias",
     "dots3_note_text": "native_bias", "beam": "native_bias", "flint": "generic",
+    "ergo": "native_bias", "kolibri1_1": "native_bias", "minicpm5_moe": "native_bias", "llama4": "generic",
+    "jetmoe": "generic",
 }
 
 # model_type -> why it is not patched (yet); patch() raises with this text.
@@ -38,6 +40,8 @@ UNSUPPORTED: dict[str, str] = {
     "dbrx": "DBRX's router returns logits only; experts are chosen in DbrxFFN.route_tokens_to_experts",
     "switch_transformers": "Switch routes by argmax with capacity inside the router; no top-k call",
     "nllb_moe": "NLLB-MoE routes by argmax/top-2 with capacity inside the router; no plain top-k call",
+    "doge": "Doge's CDMoE picks experts by product keys (a top-k over each of two key sets, then over their sums): "
+            "no single top-k over the experts for a bias to act on",
     "zaya": "ZAYA's top-1 router makes no top-k call over its experts",
     "deepseek_v4": "its first MoE layers route by a fixed token-id table (DeepseekV4HashRouter: no selection to "
                    "bias) and the others score experts with sqrtsoftplus, which the balance losses do not model",
@@ -50,14 +54,12 @@ UNSUPPORTED: dict[str, str] = {
 
 # MoE causal LMs of the installed transformers that patch() will try by auto-detection, but whose
 # bit-exactness is not verified here; each reason says what blocks the check.
-UNVERIFIED: dict[str, str] = {
-    "llama4": "Llama4ForConditionalGeneration.forward raises AttributeError in transformers 5.24 unless "
-              "return_dict=False (it reads image_outputs, which its language model's MoeCausalLMOutputWithPast "
-              "lacks), so no forward can be compared; AutoModelForCausalLM loads llama4 checkpoints as "
-              "llama4_text, which is verified",
-}
+UNVERIFIED: dict[str, str] = {}
 
-ROUTER_NAME = re.compile(r"(Router|Gate)$")
+ROUTER_NAME = re.compile(r"(Router|Gate|Gating)$")
+
+# Child names under which transformers 4.x sparse blocks keep a plain ``nn.Linear`` router (the block does the top-k).
+GATE_CHILDREN = ("gate", "router")
 
 # Fields that name a router's score function, on the router itself or on its config.
 SCORE_FUNC_FIELDS = ("expert_selection_fn", "scoring_func", "score_func", "router_score_function",
@@ -70,11 +72,11 @@ SCORE_FUNC_FIELDS = ("expert_selection_fn", "scoring_func", "score_func", "route
 _SOFTMAX = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "olmoe",
             "flex_olmo", "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "jamba",
             "gpt_oss", "minimax", "hunyuan_v1_moe", "ernie4_5_moe", "lara_mini", "mellum", "deepseek_v2",
-            "longcat_flash", "cohere2_moe", "gemma4", "gemma4_text", "qwen4_exp", "qwen4_exp_text")
+            "longcat_flash", "cohere2_moe", "jetmoe", "gemma4", "gemma4_text", "qwen4_exp", "qwen4_exp_text")
 _SIGMOID = ("llama4", "llama4_text", "minimax_m2", "lfm2_moe", "afmoe", "hy_v3", "hy_v4", "deepseek_v3",
             "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1", "exaone_moe", "kolibri1",
             "laguna", "mimo_v2_flash", "nemotron_h", "solar_open", "axk1", "axk2", "kimi_linear",
-            "bailing_hybrid", "dots3_note", "dots3_note_text", "beam", "flint")
+            "bailing_hybrid", "dots3_note", "dots3_note_text", "beam", "flint", "ergo", "kolibri1_1", "minicpm5_moe")
 SCORE_FUNCS: dict[str, str] = {**dict.fromkeys(_SOFTMAX, "softmax"), **dict.fromkeys(_SIGMOID, "sigmoid")}
 
 
@@ -147,7 +149,9 @@ def discover_moe_model_types() -> list[str]:
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     # the names patch() looks at (ROUTER_NAME): "Gated" norms of dense hybrids (bamba) are not routers
-    router_class = re.compile(r"^class \w*(Router|Gate)\(", re.M)
+    router_class = re.compile(r"^class \w*(Router|Gate|Gating)\(", re.M)
+    # transformers 4.x: a plain linear gate inside a sparse block that takes the top-k itself
+    block_class = re.compile(r"^class \w*(SparseMoeBlock|MoE|Moe)\(", re.M)
     found = []
     for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         spec = importlib.util.find_spec(f"transformers.models.{model_type}")
@@ -157,7 +161,8 @@ def discover_moe_model_types() -> list[str]:
         if not path.exists():
             continue
         source = path.read_text()
-        if router_class.search(source) and ("num_experts" in source or "n_routed_experts" in source):
+        routes = router_class.search(source) or (block_class.search(source) and _TOPK_CALL.search(source))
+        if routes and ("num_experts" in source or "n_routed_experts" in source):
             found.append(model_type)
     return sorted(found)
 
@@ -186,6 +191,9 @@ def router_shape(module: torch.nn.Module, config: Any) -> tuple[int | None, int 
     weight = getattr(module, "weight", None)
     if experts is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         experts = weight.shape[0]
+    gate = gate_linear(module)
+    if experts is None and gate is not None:
+        experts = gate.out_features
     return (int(experts) if experts else None, int(top_k) if top_k else None)
 
 
@@ -223,6 +231,52 @@ def _forward_source(cls: type) -> str:
         return ""
 
 
+def _class_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+_TOPK_CALL = re.compile(r"\btopk\(")
+
+
+def selects_itself(module: torch.nn.Module) -> bool:
+    """Whether the module's own class (any of its methods) makes a top-k call. transformers 5.6's DeepSeek-V3
+    family routers return logits only and their MoE block chooses (``route_tokens_to_experts``): the block is
+    then what is patched."""
+    return bool(_TOPK_CALL.search(_class_source(original_class(module))))
+
+
+def gate_linear(module: torch.nn.Module, num_experts: int | None = None) -> torch.nn.Linear | None:
+    """The plain ``nn.Linear`` router of a transformers 4.x sparse block (``self.gate`` / ``self.router``)."""
+    for attr in GATE_CHILDREN:
+        child = module._modules.get(attr)
+        if isinstance(child, torch.nn.Linear) and not is_router_candidate(child) \
+                and (num_experts is None or child.out_features == num_experts):
+            return child
+    return None
+
+
+def router_owner(module: torch.nn.Module, num_experts: int) -> torch.nn.Module:
+    """The module holding a patched site's router weight: the site itself, or, when the site is an MoE block
+    that chooses for its router (4.x sparse blocks), that router child."""
+    linear = gate_linear(module, num_experts)
+    if linear is not None:
+        return linear
+    for attr in GATE_CHILDREN:
+        child = module._modules.get(attr)
+        if child is not None and is_router_candidate(child):
+            return child
+    return module
+
+
+def is_gate_block(module: torch.nn.Module) -> bool:
+    """A sparse MoE block whose router is a plain linear child and whose own forward takes the top-k
+    (Mixtral, Qwen2/3-MoE, OLMoE, Jamba... in transformers 4.57): patched as a generic router."""
+    return gate_linear(module) is not None and selects_itself(module)
+
+
 def original_class(module: torch.nn.Module) -> type:
     """The router's own class, also when it is currently patched."""
     return getattr(type(module), "_mb_original_class", type(module))
@@ -236,7 +290,7 @@ def detect(module: torch.nn.Module, config: Any = None) -> tuple[str | None, str
         return spec.strategy, score_func
     if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
         return "native_bias", score_func
-    if "topk" in _forward_source(original_class(module)):
+    if selects_itself(module):
         if getattr(module, "topk_method", None) == "group_limited_greedy":
             return "group_limited", score_func
         return "generic", score_func

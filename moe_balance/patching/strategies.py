@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +95,9 @@ class PatchState:
     recorded_forwards: dict[int, int] = field(default_factory=dict)
     recorded_window: int = -1
     warned_recompute_attach: bool = False
+    parity_pending: set[int] = field(default_factory=set)
+    """Layers whose stock forward is still to be compared with the patched one (a release not verified)."""
+    parity_failures: list[str] = field(default_factory=list)
     capture: Callable[..., None] | None = None
     """Called by every router call with ``(site, indices, linear_call)`` (export; see moe_balance.export)."""
 
@@ -251,6 +254,39 @@ def attach_to_output(site: RouterSite, output: Any, loss: torch.Tensor, logits: 
     return tuple(items) if isinstance(output, tuple) else items[0]
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality of two router outputs (tensors, tuples, dicts and model outputs of them)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_parity(module: torch.nn.Module, site: RouterSite, args: tuple, kwargs: dict,
+                 make_mode: Callable[[], SelectionInterceptor]) -> None:
+    """Once, on a release the router is not verified on: its stock forward and its forward through the
+    interception at a zero bias must agree bit for bit (same input, same random state). A mismatch is recorded
+    for ``api.FirstForwardCheck``, which removes the patch and raises after the model's forward."""
+    state = site.state
+    state.parity_pending.discard(site.layer)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if any(t.device.type == "meta" for t in tensors):
+        return
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    stock_forward = site.original_class.forward
+    with torch.no_grad():
+        with torch.random.fork_rng(devices=cuda):
+            stock = stock_forward(module, *args, **kwargs)
+        with torch.random.fork_rng(devices=cuda), make_mode():
+            patched = stock_forward(module, *args, **kwargs)
+    if not _same(stock, patched):
+        state.parity_failures.append(site.name)
+
+
 def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The router's own input when no ``F.linear`` call was seen (DeepSpeed ZeRO-3 replaces ``F.linear`` by its
     own autograd function): the first floating tensor argument; ``report`` checks its token count."""
@@ -267,15 +303,22 @@ class InterceptSelection:
     _mb_argmax = False
     _mb_clone_logits = False
 
-    def forward(self, *args, **kwargs):
-        site: RouterSite = self.__dict__["_mb_site"]
+    def _mb_mode(self, site: RouterSite, zero_bias: bool = False) -> SelectionInterceptor:
         # A model's own bias buffer (MiniMax-M2, Ernie 4.5, ...) is already added by its code and kept in
         # sync with the master bias; adding ours on top would count it twice.
         uses_bias = site.state.balancer.config.uses_bias and site.native_owner is None
         bias_E = site.state.balancer.applied_bias(site.layer) if uses_bias else None
-        mode = SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
+        if zero_bias and bias_E is not None:
+            bias_E = torch.zeros_like(bias_E)
+        return SelectionInterceptor(bias_E, site.num_experts, site.top_k, self._mb_zero_is_masked,
                                     self._mb_argmax, self._mb_clone_logits,
                                     logit_space=uses_bias and site.state.balancer.config.ranks_logits)
+
+    def forward(self, *args, **kwargs):
+        site: RouterSite = self.__dict__["_mb_site"]
+        if site.layer in site.state.parity_pending:
+            check_parity(self, site, args, kwargs, lambda: self._mb_mode(site, zero_bias=True))
+        mode = self._mb_mode(site)
         with mode:
             output = super().forward(*args, **kwargs)
         if mode.intercepted == 0 or mode.indices is None:
@@ -291,7 +334,7 @@ class InterceptSelection:
                           if isinstance(t, torch.Tensor) and t.shape[-1] == site.num_experts)
         # What the same weights choose without the bias (top-k routers): the routing a stock load would have.
         unbiased = mode.ranked.topk(site.top_k, dim=-1).indices \
-            if uses_bias and mode.ranked is not None and not self._mb_argmax else None
+            if mode.bias_E is not None and mode.ranked is not None and not self._mb_argmax else None
         router_input = mode.linear_call[0] if mode.linear_call is not None else _hidden_argument(args, kwargs)
         return report(site, logits, mode.indices, output, self._mb_dropped(output), self._mb_weights_index,
                       mode.ranked, router_input, unbiased)
@@ -345,8 +388,24 @@ class NativeCorrectionBias:
 
     def forward(self, *args, **kwargs):
         site: RouterSite = self.__dict__["_mb_site"]
-        output = super().forward(*args, **kwargs)
-        logits, _, indices = output
+        # records only: the model adds its own bias
+        make_mode = functools.partial(SelectionInterceptor, None, site.num_experts, site.top_k)
+        if site.layer in site.state.parity_pending:
+            check_parity(self, site, args, kwargs, make_mode)
+        mode = make_mode()
+        with mode:
+            output = super().forward(*args, **kwargs)
+        # transformers >= 5.19 returns (logits, weights, indices); 4.57 (indices, weights) and the logits stay
+        # inside; 5.6 routers return logits and the patched MoE block returns hidden states.
+        items = output if isinstance(output, tuple) else (output,)
+        tensors = [t for t in items if isinstance(t, torch.Tensor)]
+        indices = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == site.top_k),
+                       mode.selections[-1] if mode.selections else None)
+        logits = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == site.num_experts), mode.logits)
+        if indices is None or logits is None:
+            raise RuntimeError(f"moe_balance: router {site.name} ({site.original_class.__name__}) showed no top-"
+                               f"{site.top_k} selection over {site.num_experts} experts (or no logits); register "
+                               "an adapter with moe_balance.register_router")
         if site.state.capture is not None:
             site.state.capture(site, indices, None)
         return report(site, logits, indices, output)
