@@ -28,9 +28,8 @@ Example:
 from __future__ import annotations
 
 from typing import Any
-from collections.abc import Mapping
 
-from moe_balance.config import BalanceConfig
+from .options import CALLBACK_KEYS, callback_kwargs
 
 try:
     from axolotl.integrations.base import BasePlugin
@@ -41,27 +40,6 @@ try:
     from pydantic import BaseModel, ConfigDict, model_validator
 except ImportError:  # pragma: no cover - pydantic comes with axolotl
     BaseModel = None  # type: ignore[misc, assignment]
-
-CALLBACK_KEYS = ("write_stats", "repair_resume", "heatmap_every")
-
-
-def callback_kwargs(section: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Check a ``moe_balance:`` section and turn it into ``MoEBalanceCallback`` keyword arguments.
-
-    ``BalanceConfig`` fields are validated by :meth:`BalanceConfig.from_dict` (unknown keys raise with a
-    suggestion); ``write_stats``, ``repair_resume`` and ``heatmap_every`` are the callback's own options.
-    """
-    if isinstance(section, Mapping) or section is None:  # axolotl's DictDefault answers None to any attribute
-        data = dict(section or {})
-    else:
-        data = section.model_dump(exclude_none=True)
-    data = {k: v for k, v in data.items() if v is not None}
-    own = {k: data.pop(k) for k in CALLBACK_KEYS if k in data}
-    if "heatmap_every" in own and (not isinstance(own["heatmap_every"], int) or own["heatmap_every"] < 0):
-        raise ValueError(f"moe_balance.heatmap_every must be an integer >= 0, got {own['heatmap_every']!r}")
-    config = BalanceConfig.from_dict(data)
-    return {**{k: v for k, v in config.to_dict().items() if k in data}, **own}
-
 
 if BaseModel is not None:
     class MoEBalanceSection(BaseModel):

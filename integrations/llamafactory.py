@@ -36,10 +36,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .axolotl import callback_kwargs
+from .options import callback_kwargs
 
 SECTION = "moe_balance"
-EXTRA_KEYS = ("keep_model_aux_loss", "ship", "ship_batches")  # callback options beyond axolotl's CALLBACK_KEYS
 
 
 def split_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], dict[str, Any]]:
@@ -48,8 +47,7 @@ def split_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[
         return args, {}
     args = dict(args)
     section = dict(args.pop(SECTION, None) or {})
-    extra = {k: section.pop(k) for k in EXTRA_KEYS if k in section}
-    return args, {**callback_kwargs(section), **extra}
+    return args, callback_kwargs(section)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ those packages). Passing plugins or callbacks already? Add to the same flags (``
 config, put the line after it: ``swift sft config.yaml --external_plugins ... --callbacks moe_balance``.
 
 ``MOE_BALANCE``: a JSON object (a mapping in the YAML's ``ENV:`` section works too), checked by
-:func:`moe_balance.integrations.axolotl.callback_kwargs` (unknown keys fail with a suggestion) when the plugin
+:func:`moe_balance.integrations.options.callback_kwargs` (unknown keys fail with a suggestion) when the plugin
 is imported, before the model loads; ``keep_model_aux_loss``, ``ship`` and ``ship_batches`` go to the callback.
 
 swift's own MoE aux loss: before every forward swift writes ``--router_aux_loss_coef`` (default 0) into the model
@@ -48,11 +48,10 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
-from .axolotl import callback_kwargs
+from .options import callback_kwargs
 
 NAME = "moe_balance"  # the --callbacks name
 ENV = "MOE_BALANCE"  # JSON options
-EXTRA_KEYS = ("keep_model_aux_loss", "ship", "ship_batches")  # callback options callback_kwargs does not take
 PLUGIN_SOURCE = ('"""ms-swift --external_plugins file: registers --callbacks moe_balance (written by '
                  'python -m moe_balance.integrations.swift --path)."""\n'
                  "from moe_balance.integrations.swift import register\n\nregister()\n")
@@ -72,8 +71,7 @@ def options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             data = None
     if not isinstance(data, dict):
         raise ValueError(f"{ENV} must be a JSON object such as '{{\"aux_loss\": \"global_batch\"}}', got {raw!r}")
-    extra = {k: data.pop(k) for k in EXTRA_KEYS if k in data}
-    return {**callback_kwargs(data), **extra}
+    return callback_kwargs(data)
 
 
 def make_callback(args: Any = None, trainer: Any = None) -> Any:

@@ -164,10 +164,34 @@ def architectures_lists() -> str:
     for strategy, note in STRATEGIES.items():
         names = by_strategy.get(strategy, [])
         lines.append(f"* **{strategy}** ({len(names)}; {note}): {', '.join(names)}")
+    lines += ["", _releases_table()]
     lines += ["", "| not patched | why |", "|---|---|"]
     lines += [f"| {name} (unsupported) | {_cell(reason)} |" for name, reason in
               registry.unsupported_architectures().items()]
     lines += [f"| {name} (unverified) | {_cell(reason)} |" for name, reason in sorted(registry.UNVERIFIED.items())]
+    return "\n".join(lines)
+
+
+def _releases_table() -> str:
+    """Per model type, the transformers releases it is verified on (``moe_balance.patching.versions``)."""
+    from .patching import versions
+    tested = versions.TESTED
+    lines = [f"Verified on the transformers releases of the compatibility stage (`.ci/compat`); on any other "
+             "release each router is compared with its stock forward at a zero bias on the model's first forward "
+             "and refused if it differs:", "",
+             "| model type | " + " | ".join(tested) + " |", "|---|" + "---|" * len(tested)]
+    for model_type in sorted(_registry().supported_architectures()):
+        cells = []
+        for release in tested:
+            if model_type in versions.VERIFIED.get(release, ()):
+                cells.append("✅")
+            elif (model_type, release) in versions.BROKEN:
+                cells.append("upstream bug")
+            else:
+                cells.append("")
+        lines.append(f"| {model_type} | " + " | ".join(cells) + " |")
+    lines += ["", "Empty: the release has no such model type. " + "; ".join(
+        f"{t} on {r}: {_cell(why)}" for (t, r), why in sorted(versions.BROKEN.items())) + "."]
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ _TINY_EXTRA: dict[str, dict] = {
     # explicit MLA sizes: transformers 5.6 and 5.24 derive different head widths from the defaults
     "glm4_moe_lite": dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                           kv_lora_rank=16, q_lora_rank=16),
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=16, n_groups=1, chunk_size=16),
     "ergo": dict(num_dense_blocks=0, mlp_layer_types=["sparse", "sparse"], shared_intermediate_size=32,
                  first_dense_intermediate_size=64),
     "kolibri1_1": dict(head_dim=16, num_attention_heads=2, num_key_value_heads=1, index_num_heads=1,
