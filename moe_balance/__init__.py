@@ -10,12 +10,12 @@ from .balancer import Balancer
 from .config import AUX_LOSSES, BIAS_SCHEDULES, BIAS_UPDATES, BalanceConfig, resolve_config
 from .losses import AUX_LOSS_FNS, RoutingBatch, aux_loss, z_loss
 from . import export
-from .patching import (UnsupportedModelError, find_routers, patch, register_router, supported_architectures,
-                       unpatch, unsupported_architectures)
+from .patching import (UnsupportedModelError, UnverifiedRouterError, find_routers, patch, register_router,
+                       supported_architectures, unpatch, unsupported_architectures)
 
 __version__ = "0.1.0"
 
 __all__ = ["Balancer", "BalanceConfig", "resolve_config", "AUX_LOSSES", "BIAS_UPDATES",
            "BIAS_SCHEDULES", "AUX_LOSS_FNS", "RoutingBatch", "aux_loss", "z_loss", "patch", "unpatch",
            "find_routers", "register_router", "supported_architectures", "unsupported_architectures",
-           "UnsupportedModelError", "export", "__version__"]
+           "UnsupportedModelError", "UnverifiedRouterError", "export", "__version__"]

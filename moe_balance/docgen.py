@@ -176,7 +176,7 @@ def _releases_table() -> str:
     """Per model type, the transformers releases it is verified on (``moe_balance.patching.versions``)."""
     from .patching import versions
     tested = versions.TESTED
-    lines = [f"Verified on the transformers releases of the compatibility stage (`.ci/compat`); on any other "
+    lines = ["Verified on the transformers releases of the compatibility stage (`.ci/compat`); on any other "
              "release each router is compared with its stock forward at a zero bias on the model's first forward "
              "and refused if it differs:", "",
              "| model type | " + " | ".join(tested) + " |", "|---|" + "---|" * len(tested)]

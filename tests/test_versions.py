@@ -72,7 +72,7 @@ def test_unverified_router_that_routes_otherwise_is_refused(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mb.patch(model)
-    with pytest.raises(versions.UnverifiedRouterError, match=r"'mixtral' is not verified on transformers .*layers"):
+    with pytest.raises(mb.UnverifiedRouterError, match=r"'mixtral' is not verified on transformers .*layers"):
         model(input_ids=_ids())
     assert mb.patching.patch_state_of(model) is None
 
