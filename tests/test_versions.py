@@ -110,3 +110,28 @@ def test_registered_custom_router_is_not_checked(monkeypatch):
         mb.patch(net, fold_share=0)
     assert mb.patching.patch_state_of(net).parity_pending == set()
     mb.unpatch(net)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_one_training_step_moves_the_balance_and_unpatch_restores(model_type):
+    """What a user tries first on any release: patch, one optimizer step moves the routing (the bias, or with the
+    online fold the router weights), unpatch gives the original classes and native buffers back."""
+    model = tiny_model(model_type)
+    model.train()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    natives = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    bal = mb.patch(model, bias_update="sign", bias_update_rate=1e-2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the balancer changes anything
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    optimizer.step()
+    bal.step()
+    moved_bias = bal.bias_LE.abs().max() > 0
+    moved_weights = any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert moved_bias or moved_weights
+    if natives:  # the native buffer carries the trained bias while patched
+        assert any(not torch.equal(b, natives[n]) for n, b in model.named_buffers() if n in natives)
+    mb.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(torch.equal(b, natives[n]) for n, b in model.named_buffers() if n in natives)
