@@ -172,6 +172,19 @@ def tiny_model(model_type: str, seed: int = 0, experts: int = 8, top_k: int = 2,
     return auto.from_config(config, attn_implementation="eager")
 
 
+def byte_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained here on ``texts`` (no download), with ``<pad>``, ``<s>``, ``</s>`` as
+    ids 0, 1, 2: what framework tests (axolotl, LlamaFactory, ms-swift) save beside a tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def stdlib_files() -> list:
     """The standard library's own ``.py`` sources (no ``test/``, no ``site-packages``), sorted."""
     import sysconfig

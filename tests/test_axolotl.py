@@ -84,17 +84,9 @@ def _tiny_model_tokenizer_and_data(folder):
     """A tiny Qwen3-MoE with a byte-level BPE tokenizer trained here, and a JSONL of stdlib text (no downloads)."""
     import json
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from moe_balance.testing import stdlib_files, tiny_model
+    from moe_balance.testing import byte_bpe_tokenizer, stdlib_files, tiny_model
     texts = [p.read_text(errors="ignore") for p in stdlib_files()[:40]]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = byte_bpe_tokenizer(texts)
     model = tiny_model("qwen3_moe", vocab_size=len(fast), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model.save_pretrained(folder / "tiny")
     fast.save_pretrained(folder / "tiny")

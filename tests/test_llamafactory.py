@@ -1,11 +1,10 @@
 """LlamaFactory: ``python -m moe_balance.integrations.llamafactory train cfg.yaml`` in place of
 ``llamafactory-cli train cfg.yaml``, end to end on CPU through LlamaFactory's own ``run_exp``.
 
-LlamaFactory pins transformers <= 5.6 and trl <= 0.24: run this in its own environment, e.g.
-``python3.11 -m venv --system-site-packages v && v/bin/pip install -c constraints.txt llamafactory==0.9.5``
-(constraints.txt holding ``torch==2.13.0``). PyPI's torchvision and torchaudio wheels are CUDA builds that do not
-load beside the CPU torch: ``v/bin/pip uninstall -y torchvision`` and remove ``torchaudio/lib/*.so`` (torchaudio
-then imports without its C++ ops; LlamaFactory imports it but a text run never calls it).
+LlamaFactory pins transformers <= 5.6 and trl <= 0.24: ``.ci/compat`` runs this in a fresh venv of its own
+(torch 2.13.0, ``llamafactory==0.9.5``, the project installed without its dependency pins). PyPI's torchvision
+and torchaudio wheels are CUDA builds that do not load beside the CPU torch: ``.ci/compat`` uninstalls
+torchvision and removes ``torchaudio/lib/*.so`` (LlamaFactory imports torchaudio; a text run never calls it).
 """
 
 from __future__ import annotations
@@ -50,18 +49,10 @@ def _tiny_model_tokenizer_and_data(folder):
     """A tiny Qwen3-MoE with collapsed routers, a byte-level BPE tokenizer trained here and a LlamaFactory
     dataset of stdlib text from the training split (``export.text_batches`` holds out the other files)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from moe_balance.testing import skew_routers, stdlib_files, tiny_model
+    from moe_balance.testing import byte_bpe_tokenizer, skew_routers, stdlib_files, tiny_model
     files = [p for i, p in enumerate(stdlib_files()) if i % 10 != 0][:40]  # every 10th file is held out
     texts = [p.read_text(errors="ignore")[:10000] for p in files]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = byte_bpe_tokenizer(texts)
     model = tiny_model("qwen3_moe", vocab_size=len(fast), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     sample = torch.tensor(fast("".join(texts[:4]))["input_ids"][:8 * 64]).reshape(8, 64)
     skew_routers(model, sample, strength=3.0)

@@ -2,8 +2,8 @@
 added to a real ``swift pt`` run (its entry point ``swift/cli/pt.py``, on CPU) of a tiny Qwen3-MoE with collapsed
 routers, against the same run without it; the saved checkpoints are judged loaded by stock transformers.
 
-ms-swift 4.6 pins transformers < 5.20 and trl < 1.0: run these in their own venv, e.g.
-``python3.11 -m venv --system-site-packages v && v/bin/pip install -c constraints.txt ms-swift==4.6.0``.
+ms-swift 4.6 pins transformers < 5.20 and trl < 1.0: ``.ci/compat`` runs these in a fresh venv of their own
+(torch 2.13.0, ``ms-swift==4.6.0``, the project installed without its dependency pins).
 """
 
 from __future__ import annotations
@@ -72,18 +72,10 @@ def _tiny_model_and_data(folder):
     """A tiny Qwen3-MoE whose routers are collapsed (``skew_routers``) and which asks for its pooled aux loss
     (``output_router_logits=True``, as some released MoE configs do), a byte-level BPE tokenizer trained here,
     a JSONL of stdlib text for training and held-out token windows from other stdlib files (no downloads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from moe_balance.testing import skew_routers, stdlib_files, tiny_model
+    from moe_balance.testing import byte_bpe_tokenizer, skew_routers, stdlib_files, tiny_model
     files = stdlib_files()
     texts = [p.read_text(errors="ignore") for p in files[:40]]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = byte_bpe_tokenizer(texts)
     model = tiny_model("qwen3_moe", vocab_size=len(fast), pad_token_id=0, bos_token_id=1, eos_token_id=2,
                        output_router_logits=True)
     sample = torch.tensor(fast("".join(texts[:8]))["input_ids"][:512]).view(8, 64)
