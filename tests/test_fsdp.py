@@ -2,9 +2,9 @@
 sharding, Accelerate FSDP2 and the HF Trainer FSDP2 (both forced past their silent DDP fallback on CPU).
 
 Each mode (see ``workers/fsdp_run.py``) trains a skewed tiny MoE balanced with a checkpoint halfway,
-resumes from it, and (the two torch modes) trains a control without balancing. Checked here: the world size, identical biases
-on both ranks, the all-reduce over the mesh's data-parallel group (tokens of both ranks in each window,
-one all-reduce per optimizer step), balance against the control, every non-router parameter trained
+resumes from it, and (the two torch modes) trains a control without balancing. Checked here: the world size,
+identical biases on both ranks, the all-reduce over the mesh's data-parallel group (tokens of both ranks in each
+window, one all-reduce per optimizer step), balance against the control, every non-router parameter trained
 (an earlier patch-time forward through the FSDP root left its parameters unsharded and untrained), and
 an exact resume (losses, biases and every parameter).
 """

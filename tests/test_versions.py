@@ -135,3 +135,18 @@ def test_one_training_step_moves_the_balance_and_unpatch_restores(model_type):
     mb.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert all(torch.equal(b, natives[n]) for n, b in model.named_buffers() if n in natives)
+
+
+def test_hf_extra_has_no_upper_bound_on_transformers():
+    """`pip install moe-balance[hf]` must never downgrade a user's transformers: the oldest verified release
+    is the floor, and there is no ceiling (newer releases meet the run-time check)."""
+    import tomllib
+
+    from .conftest import ROOT
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (requirement,) = [r for r in extras["hf"] if r.startswith("transformers")]
+    assert "<" not in requirement and requirement == f"transformers>={min(versions.TESTED, key=versions_key)}"
+
+
+def versions_key(release: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in release.split("."))
