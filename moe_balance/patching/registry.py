@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -224,16 +225,11 @@ def registered_spec(module: torch.nn.Module) -> RouterSpec | None:
     return None
 
 
-def _forward_source(cls: type) -> str:
+@functools.cache
+def _source(obj: Any) -> str:
+    """The source of a class or function, read once: every router of a 94-layer model shares one class."""
     try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
-
-
-def _class_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls)
+        return inspect.getsource(obj)
     except (OSError, TypeError):
         return ""
 
@@ -245,7 +241,7 @@ def selects_itself(module: torch.nn.Module) -> bool:
     """Whether the module's own class (any of its methods) makes a top-k call. transformers 5.6's DeepSeek-V3
     family routers return logits only and their MoE block chooses (``route_tokens_to_experts``): the block is
     then what is patched."""
-    return bool(_TOPK_CALL.search(_class_source(original_class(module))))
+    return bool(_TOPK_CALL.search(_source(original_class(module))))
 
 
 def gate_linear(module: torch.nn.Module, num_experts: int | None = None) -> torch.nn.Linear | None:
@@ -315,7 +311,7 @@ def score_func_of(module: torch.nn.Module, config: Any = None) -> str:
     for model_type in (transformers_package(module), getattr(config, "model_type", None)):
         if model_type in SCORE_FUNCS:
             return SCORE_FUNCS[model_type]
-    source = _forward_source(original_class(module))
+    source = _source(original_class(module).forward)
     return "sigmoid" if "sigmoid" in source and "softmax" not in source else "softmax"
 
 
