@@ -56,7 +56,7 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile": ({"bias_update": "quantile"}, None),
     "quantile+seq_1e-4": ({"bias_update": "quantile", "aux_loss": "seq", "aux_loss_coef": 1e-4}, None),
     "quantile_in_scores": ({"bias_update": "quantile", "bias_space": "scores"}, None),  # bias on probabilities
-    "quantile_adaptive_step": ({"bias_update": "quantile", "quantile_adaptive_step": True}, None),
+    "quantile_full": ({"bias_update": "quantile", "quantile_step": "full"}, None),  # the price set every step
     # the bias kept beside the weights (no fold): the "bias-only" reference; served, it is dropped
     "quantile_no_fold": ({"bias_update": "quantile", "fold_share": 0.0}, None),
     "quantile_fold_0.1": ({"bias_update": "quantile", "fold_share": 0.1}, None),
@@ -64,9 +64,9 @@ METHODS: dict[str, tuple[dict, float | None]] = {
     "quantile_fold_0.03": ({"bias_update": "quantile", "fold_share": 0.03}, None),
 }
 QUICK_METHODS = ["none", "hf_aux_1e-2", "switch_1e-2", "global_batch_1e-2", "sign_1e-3", "sign+seq_1e-4",
-                 "quantile", "quantile+seq_1e-4", "quantile_adaptive_step", "quantile_in_scores"]
-FULL_METHODS = ["none", "hf_aux_1e-2", "sign_1e-3", "sign+seq_1e-4", "quantile"]
-FROZEN_METHODS = ["none", "sign_1e-3", "sign_1e-2", "quantile", "quantile_adaptive_step"]
+                 "quantile", "quantile_full", "quantile+seq_1e-4", "quantile_in_scores"]
+FULL_METHODS = ["none", "hf_aux_1e-2", "sign_1e-3", "sign+seq_1e-4", "quantile", "quantile_full"]
+FROZEN_METHODS = ["none", "sign_1e-3", "sign_1e-2", "quantile", "quantile_full"]
 EXPERTS, TOP_K = 16, 2
 
 
@@ -109,6 +109,7 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
     for param in frozen:
         param.requires_grad_(False)
     hooks, balancer.post_step_hooks = balancer.post_step_hooks, []  # the price alone: the fold moves no weight
+    controller_config, balancer._bias.cfg = balancer._bias.cfg, balancer.config.replace(quantile_step="full")
     try:
         with torch.enable_grad():  # recorded as training windows; nothing needs grad, no backward
             for _ in range(iters):
@@ -124,6 +125,7 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
         _, held = evaluate_heldout(model, balancer, val, eval_batches, seed=1234)
     finally:
         balancer.post_step_hooks = hooks
+        balancer._bias.cfg = controller_config
         for param in frozen:
             param.requires_grad_(True)
     return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"]}

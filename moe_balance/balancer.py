@@ -26,7 +26,7 @@ from torch import nn
 
 from . import stats
 from .adaptive import AdaptiveCoef
-from .bias import BiasController
+from .bias import SHADOW_GAINS, BiasController
 from .config import BalanceConfig, resolve_config, resolved_bias_space
 from .distributed import StepReducer
 from .fold import cg_step, input_statistics
@@ -116,7 +116,10 @@ class Balancer(nn.Module):
                                  persistent=True)
         self.register_buffer("quantile_range_L", torch.ones(L, dtype=torch.float64))
         self.register_buffer("last_delta_sign_LE", torch.zeros(L, E, dtype=torch.int8))
-        self.register_buffer("quantile_gain_LE", torch.ones(L, E, dtype=torch.float64))
+        # quantile_step="filtered": per shadow filter, its price estimate and recent squared miss (always kept, so
+        # a state resumes whichever step the config chooses)
+        self.register_buffer("quantile_shadow_GLE", torch.zeros(len(SHADOW_GAINS), L, E, dtype=torch.float64))
+        self.register_buffer("quantile_shadow_error_GL", torch.zeros(len(SHADOW_GAINS), L, dtype=torch.float64))
         if self.config.expert_parallel_size > 1 and E % self.config.expert_parallel_size:
             raise ValueError(f"BalanceConfig.expert_parallel_size={self.config.expert_parallel_size} must divide "
                              f"num_experts={E}")
@@ -131,7 +134,7 @@ class Balancer(nn.Module):
         self._adaptive = AdaptiveCoef(self.config)
         self.aux_coef.fill_(self._adaptive.coef)
         self._bias = BiasController(self.config, self.bias_LE, self.ema_LE, self.last_delta_sign_LE,
-                                    self.quantile_range_L, self.quantile_gain_LE)
+                                    self.quantile_range_L, self.quantile_shadow_GLE, self.quantile_shadow_error_GL)
         self.reducer = StepReducer(process_group)
         self._pending: list[torch.Tensor] = []
         self.last_window: dict[str, torch.Tensor] | None = None
@@ -463,7 +466,8 @@ class Balancer(nn.Module):
         Keys: ``maxvio_global`` (window), ``maxvio_batch`` (mean over micro-batches), ``cv``,
         ``load_entropy``, ``dead_experts``, ``min_max_ratio``, ``dropped@<cf>``, ``bias_abs_mean``,
         ``bias_abs_max``, ``aux_loss``, ``z_loss``, ``aux_coef``, ``tokens``, ``skipped_tokens``;
-        controller metrics ``bias_flip_share`` (experts whose bias move reversed direction this step),
+        controller metrics ``bias_flip_share`` (experts whose bias move reversed direction this step) and, for
+        ``quantile_step="filtered"``, ``bias_step_share`` (mean over layers of the share of the price move applied),
         ``maxvio_layer_median/p95/max`` and ``maxvio_worst_layer``; ``routing_differ`` (share of tokens whose
         experts differ from what the same weights choose without the bias: what a stock load would change) and,
         with the online fold, ``fold_fit`` (mean over layers of the share of a constant the router inputs
@@ -515,6 +519,8 @@ class Balancer(nn.Module):
     def _controller_metrics(self, counts_LE: torch.Tensor, active_L: torch.Tensor) -> dict[str, float]:
         """What long runs watch: oscillation, the spread of balance over layers, the busiest EP rank."""
         out = {"bias_flip_share": self._bias.flip_share}
+        if self._bias.step_share is not None:
+            out["bias_step_share"] = float(self._bias.step_share.mean())
         if bool(active_L.any()):
             maxvio_L = stats.maxvio(counts_LE)[active_L].double()
             out["maxvio_layer_median"] = float(maxvio_L.median())
@@ -577,10 +583,11 @@ class Balancer(nn.Module):
         # Window statistics are empty at a checkpoint, and states from another rule or an older version
         # lack the quantile/flip buffers: keep ours for what is missing, drop windows we do not keep.
         # The fold's estimator (CG iterate, direction, fit) restarts from zero where a state has none (saved with
-        # fold_share=0); it is an estimate of the inputs' moments, not part of the routing.
+        # fold_share=0); it is an estimate of the inputs' moments, not part of the routing. Likewise the quantile
+        # step's shadow filters (older states; quantile_gain_LE was the retired adaptive step's).
         optional = {name for name, _ in _WINDOW_FIELDS + _FOLD_FIELDS} | {
-            "quantile_hist_LEB", "quantile_range_L", "last_delta_sign_LE", "quantile_gain_LE",
-            "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L"}
+            "quantile_hist_LEB", "quantile_range_L", "last_delta_sign_LE", "quantile_gain_LE", "quantile_shadow_GLE",
+            "quantile_shadow_error_GL", "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L"}
         own = self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
         state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})

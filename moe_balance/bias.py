@@ -27,9 +27,10 @@ from .config import BalanceConfig
 from .quantile import next_range, prices_from_histogram
 
 
-# Adaptive step of the quantile rule (per expert, in [GAIN_MIN, 1]): RProp-like factors. Measured on the
-# quality benchmark's routers; in steady state with 1k-token batches the gain settles near its floor.
-GAIN_GROW, GAIN_SHRINK, GAIN_MIN = 1.5, 0.5, 0.1
+# quantile_step="filtered": the shares of the price move its shadow filters apply, and the memory of their
+# squared prediction errors (about 10 steps). Measured in benchmarks/price_noise.py and docs/benchmarks.md.
+SHADOW_GAINS = tuple(2.0 ** -i for i in range(6))
+SHADOW_ERROR_EMA = 0.9
 
 
 def scheduled_rate(cfg: BalanceConfig, step: int) -> float:
@@ -86,14 +87,17 @@ class BiasController:
     """
 
     def __init__(self, cfg: BalanceConfig, bias_LE: torch.Tensor, ema_LE: torch.Tensor,
-                 last_sign_LE: torch.Tensor, quantile_range_L: torch.Tensor, quantile_gain_LE: torch.Tensor) -> None:
+                 last_sign_LE: torch.Tensor, quantile_range_L: torch.Tensor, shadow_GLE: torch.Tensor,
+                 shadow_error_GL: torch.Tensor) -> None:
         self.cfg = cfg
         self.bias_LE = bias_LE  # shared buffers owned by the Balancer module
         self.ema_LE = ema_LE
         self.last_sign_LE = last_sign_LE
         self.quantile_range_L = quantile_range_L
-        self.quantile_gain_LE = quantile_gain_LE
+        self.shadow_GLE = shadow_GLE  # each shadow filter's price estimate, relative to the bias in effect
+        self.shadow_error_GL = shadow_error_GL  # EMA of each shadow's squared miss on the next step's price
         self.flip_share = 0.0
+        self.step_share: torch.Tensor | None = None  # share of the price move applied per layer (filtered)
 
     @torch.no_grad()
     def update(self, counts_LE: torch.Tensor, step: int, has_ema: bool) -> bool:
@@ -132,23 +136,36 @@ class BiasController:
             return
         step_size = (rate / cfg.bias_update_rate) * (1.0 - cfg.bias_ema)
         move_LE = -q_LE
-        if cfg.quantile_adaptive_step:
-            self._adapt_gain(move_LE - move_LE.mean(-1, keepdim=True), active_L)
-            move_LE = self.quantile_gain_LE * move_LE
-        delta_LE = step_size * (move_LE - move_LE.mean(-1, keepdim=True))  # prices are relative: sum(b) stays put
-        self._apply(torch.where(active_L[:, None], delta_LE, torch.zeros_like(delta_LE)))
+        move_LE = move_LE - move_LE.mean(-1, keepdim=True)  # prices are relative: sum(b) stays put
+        if cfg.quantile_step == "filtered":
+            miss_GLE = move_LE[None] - self.shadow_GLE
+            self.step_share = self._best_shadow_gain(miss_GLE, active_L)
+            move_LE = self.step_share[:, None] * move_LE
+        applied_LE = self._apply(torch.where(active_L[:, None], step_size * move_LE, torch.zeros_like(move_LE)))
+        if cfg.quantile_step == "filtered":
+            gains_G = torch.tensor(SHADOW_GAINS, dtype=torch.float64, device=move_LE.device)
+            followed_GLE = self.shadow_GLE + gains_G[:, None, None] * miss_GLE - applied_LE[None]
+            self.shadow_GLE.copy_(torch.where(active_L[None, :, None], followed_GLE, self.shadow_GLE))
 
-    def _adapt_gain(self, move_LE: torch.Tensor, active_L: torch.Tensor) -> None:
-        """Per-expert share of the price move applied: shrinks while an expert's moves keep reversing
-        (prices estimated on one batch, applied to the next: noise) and grows back while they keep one
-        direction (a collapse to undo, a router that drifts). Dimensionless, so still no rate."""
-        agree_LE = torch.sign(move_LE) * self.last_sign_LE.double()
-        gain_LE = torch.where(agree_LE > 0, self.quantile_gain_LE * GAIN_GROW,
-                              torch.where(agree_LE < 0, self.quantile_gain_LE * GAIN_SHRINK, self.quantile_gain_LE))
-        gain_LE = gain_LE.clamp(GAIN_MIN, 1.0)
-        self.quantile_gain_LE.copy_(torch.where(active_L[:, None], gain_LE, self.quantile_gain_LE))
+    def _best_shadow_gain(self, miss_GLE: torch.Tensor, active_L: torch.Tensor) -> torch.Tensor:
+        """Per layer, the gain of the shadow filter with the smallest recent squared miss.
 
-    def _apply(self, delta_LE: torch.Tensor) -> None:
+        Each shadow ``g`` tracks the price the steps' tokens ask for (the bias in effect plus the full move
+        ``m_t``) with its own gain: ``S <- S + g (y_t - S)``. Those prices do not depend on the bias actually
+        applied, so every shadow is a valid filter of the same sequence, and the one that has lately predicted
+        each next step's price best has the right gain for the present mix of sampling noise (a price set on one
+        batch's tokens reverses on the next: small gains win) and real change (a collapse, a drifting router:
+        gain 1 wins). A fixed EMA or rate would pick one mix for the whole run; this is the Kalman gain found by
+        trying. All from all-reduced counts: every rank chooses the same, no communication.
+        """
+        error_GL = miss_GLE.pow(2).mean(-1)
+        blended_GL = SHADOW_ERROR_EMA * self.shadow_error_GL + (1 - SHADOW_ERROR_EMA) * error_GL
+        self.shadow_error_GL.copy_(torch.where(active_L[None], blended_GL, self.shadow_error_GL))
+        gains_G = torch.tensor(SHADOW_GAINS, dtype=torch.float64, device=miss_GLE.device)
+        return gains_G[self.shadow_error_GL.argmin(0)]  # ties (the first step): the largest gain
+
+    def _apply(self, delta_LE: torch.Tensor) -> torch.Tensor:
+        """Add ``delta_LE`` (clamped to ``bias_clamp``); returns the change that was made."""
         old_LE = self.bias_LE.double()
         new_bias = old_LE + delta_LE
         if self.cfg.bias_clamp is not None:
@@ -159,3 +176,4 @@ class BiasController:
         flipped = both_moved & (sign_LE != self.last_sign_LE)
         self.flip_share = float(flipped.sum()) / max(1, int(both_moved.sum()))
         self.last_sign_LE.copy_(torch.where(sign_LE != 0, sign_LE, self.last_sign_LE))
+        return self.bias_LE.double() - old_LE

@@ -32,6 +32,7 @@ BIAS_SPACES = ("auto", "scores", "logits")
 BIAS_SCHEDULES = ("constant", "step", "linear", "cosine")
 SCORE_FUNCS = ("softmax", "sigmoid")
 NAN_POLICIES = ("skip", "raise")
+QUANTILE_STEPS = ("filtered", "full")
 
 
 DEFAULT_FOLD_SHARE = 1.0
@@ -145,10 +146,12 @@ class BalanceConfig:
     probabilities is no constant in logits); below 1 a remainder stays in the bias and is folded at the end of
     training, less exactly (docs/serving.md); 0 = off, the bias lives beside the weights and is lost when the
     model is served."""
-    quantile_adaptive_step: bool = False
-    """``quantile``: per-expert share of the price move, shrunk while the expert's moves reverse (noise from
-    small batches) and regrown while they keep one direction. Off by default (set the price, as Megatron):
-    it filters the noise of a fixed token population but lags a learning router (docs/benchmarks.md)."""
+    quantile_step: str = "filtered"
+    """``quantile``: how much of each step's price move is applied. ``filtered`` (default): per layer, the share
+    (1, 1/2, ..., 1/32) whose shadow filter has lately predicted each step's price best, so 1 while the price
+    really moves (a collapse to undo, a drifting router) and less once the moves are mostly one batch's sampling
+    noise: fast from a collapse and quiet at the end, with no rate to tune (docs/methods.md). ``full``: set the
+    price every step (Megatron-Core's quantile balancing); the bias then carries each step's noise."""
     quantile_bins: int = 128
     """``quantile``: histogram bins per expert for the margins (all-reduced with the counts)."""
     expert_parallel_size: int = 1
@@ -176,6 +179,7 @@ class BalanceConfig:
         _choice("bias_space", self.bias_space, BIAS_SPACES)
         _choice("score_func", self.score_func, SCORE_FUNCS)
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("quantile_step", self.quantile_step, QUANTILE_STEPS)
         _number("aux_loss_coef", self.aux_loss_coef, low=0)
         _number("z_loss_coef", self.z_loss_coef, low=0)
         _number("adaptive_target_maxvio", self.adaptive_target_maxvio, low=0)
@@ -204,7 +208,7 @@ class BalanceConfig:
         _number("bias_ema", self.bias_ema, low=0, high=1, high_open=True)
         if self.bias_clamp is not None:
             _number("bias_clamp", self.bias_clamp, low=0, low_open=True)
-        for name in ("adaptive_aux", "bias_freeze", "log_per_layer", "quantile_adaptive_step"):
+        for name in ("adaptive_aux", "bias_freeze", "log_per_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BalanceConfig.{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.capacity_factors, tuple) or not self.capacity_factors:
@@ -268,6 +272,8 @@ class BalanceConfig:
 # Fields of earlier versions and what replaced them (a saved state may still name them: see without_retired).
 RETIRED = {
     "bias_absorb_coef": "the online fold (fold_share) moves the bias into the router weights directly",
+    "quantile_adaptive_step": "quantile_step='filtered' (the default) chooses the share of each price move from "
+                              "how well it predicted the prices since",
     "handover_fraction": "the online fold (fold_share) keeps the weights carrying the routing at every step, "
                          "so nothing is handed over at the end",
 }

@@ -212,6 +212,9 @@ METRICS: dict[str, tuple[str, str | None]] = {
     "aux_coef": ("current aux-loss coefficient (moves with `adaptive_aux`)", None),
     "tokens": ("valid tokens in the window (padding excluded)", None),
     "skipped_tokens": ("tokens excluded for non-finite router logits (`nan_policy`)", None),
+    "bias_step_share": ("share of the quantile price move applied this step, mean over layers (`quantile_step="
+                        "'filtered'`): 1 while the price really moves, small once the moves are mostly one batch's "
+                        "sampling noise", "`bias_update='quantile'` with the default `quantile_step`"),
     "bias_flip_share": ("share of experts whose bias move reversed direction this step: an oscillating "
                         "controller", None),
     "maxvio_layer_median": ("median over layers of the window MaxVio", None),
@@ -240,13 +243,15 @@ def _metric_names(everything: bool) -> tuple[list[str], list[str]]:
     ``everything``: with every optional key switched on."""
     import torch
     from .balancer import Balancer
-    fields = {"expert_parallel_size": 2, "log_per_layer": True, "bias_space": "logits"} if everything else {}
-    balancer = Balancer(num_layers=2, num_experts=4, top_k=2, bias_update="sign", router_dim=3 if everything else None,
+    fields = {"expert_parallel_size": 2, "log_per_layer": True} if everything else {}
+    balancer = Balancer(num_layers=2, num_experts=4, top_k=2, bias_update="quantile" if everything else "sign",
+                        router_dim=3 if everything else None,
                         **fields)
     logits = torch.linspace(-1.0, 1.0, 32).reshape(8, 4)
     for layer in range(2):
         balancer.observe(layer, logits, logits.topk(2).indices, dropped=torch.tensor(0.1) if everything else None,
-                         router_input=torch.ones(8, 3) if everything else None)
+                         router_input=torch.ones(8, 3) if everything else None,
+                         selection_scores=logits if everything else None)
     balancer.step()
     names, per_layer = [], []
     for key in balancer.metrics():

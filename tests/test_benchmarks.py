@@ -46,6 +46,15 @@ def test_quality_quick_smoke(tmp_path):
     assert (tmp_path / "quality_quick_maxvio.png").exists()
 
 
+def test_price_noise_smoke(tmp_path):
+    out = run(str(ROOT / "benchmarks" / "price_noise.py"), "--steps", "4", "--seeds", "1", "--pool", "2",
+              "--singles", "2", "--eval-batches", "2", "--out", str(tmp_path), cwd=tmp_path)
+    assert "| one_batch |" in out
+    row = json.loads((tmp_path / "price_noise_quantile_1024.json").read_text())["rows"][0]
+    assert row["noise_var_measured"] > 0 and 0 < row["share"] <= 1  # two one-batch prices differ
+    assert all(row[k] >= 0 for k in ("trained", "pool", "one_batch"))
+
+
 def test_finetune_smoke(tmp_path):
     out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "10", "--pretrain-steps", "2",
               "--methods", "none,quantile_no_fold,default", "--eval-batches", "2", "--fold-batches", "2",

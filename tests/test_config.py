@@ -29,7 +29,7 @@ BAD_VALUES = {
     "bias_ema": [1.0, -0.1],
     "bias_clamp": [0.0, -1.0],
     "bias_freeze": [1],
-    "quantile_adaptive_step": ["yes"],
+    "quantile_step": ["kalman", 1],
     "quantile_bins": [2, 10_000, 8.0],
     "expert_parallel_size": [0, 1.5],
     "capacity_factors": [(), (0.0,), (-1.0,)],
