@@ -20,7 +20,7 @@ from .conftest import run_torchrun
 
 pytest.importorskip("torch.distributed.fsdp")
 SCRIPT = Path(__file__).parent / "workers" / "fsdp_run.py"
-K = 15  # steps before the checkpoint (fsdp_run.K); every run trains 2K
+K = 10  # steps before the checkpoint (fsdp_run.K); every run trains 2K
 TOKENS = 2 * 8 * 64  # both ranks' micro-batch of 8 x 64 in each step window
 
 

@@ -24,11 +24,11 @@ def test_gpu_smoke_cpu_dry_run(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"gpu_smoke.py --cpu timed out after 300 s:\n{out[-3000:]}\n{err[-3000:]}")
+        pytest.fail(f"gpu_smoke.py --cpu timed out after 600 s:\n{out[-3000:]}\n{err[-3000:]}")
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}\n{err[-4000:]}"
     rows = re.findall(r"^(\S.*?)\s+\| (\S+)\s+\| (\S+)\s+\| (PASS|FAIL|SKIP)\s+\|", out, flags=re.M)
     results = {(check.strip(), model, precision): status for check, model, precision, status in rows}

@@ -65,6 +65,7 @@ def main():
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--rule", default="sign", help="bias_update of the moe_balance entry")
     p.add_argument("--space", default="auto", help="bias_space of the moe_balance entry")
+    p.add_argument("--step", default="", help="quantile_step of the moe_balance entry (default: the config's)")
     p.add_argument("--no-entry", action="store_true")
     p.add_argument("--fp16", action="store_true", help="DeepSpeed fp16 with a static loss scale of 1024")
     a = p.parse_args()
@@ -82,7 +83,8 @@ def main():
     config = {"train_micro_batch_size_per_gpu": a.bs, "gradient_accumulation_steps": a.ga,
               "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "torch_adam": True}},
               "zero_optimization": {"stage": a.stage}, "steps_per_print": 10**9,
-              "moe_balance": {"bias_update": a.rule, "bias_update_rate": a.rate, "bias_space": a.space}}
+              "moe_balance": {"bias_update": a.rule, "bias_update_rate": a.rate, "bias_space": a.space,
+                              **({"quantile_step": a.step} if a.step else {})}}
     fp16_forced = False
     if a.fp16:
         config["fp16"] = {"enabled": True, "loss_scale": 1024}

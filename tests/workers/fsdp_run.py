@@ -31,7 +31,7 @@ import torch.distributed as dist
 from moe_balance.patching.api import find_routers
 from moe_balance.testing import batches, eval_maxvio, skew_routers, stdlib_corpus, tiny_model
 
-K = 15            # steps before the checkpoint; the runs train 2K
+K = 10            # steps before the checkpoint; the runs train 2K
 BATCH, SEQ = 8, 64
 RATE = 1e-2       # sign rule on softmax probabilities: a few dozen steps are enough
 BALANCED = dict(bias_update="sign", bias_update_rate=RATE, aux_loss="global_batch", aux_loss_coef=1e-2)
