@@ -12,8 +12,8 @@ nothing learning, held-out MaxVio under:
 * ``one batch``: the exact price of each of those batches alone (the best a price set from one step can do).
 
 ``one batch - pool`` is what one step's sampling noise costs; ``trained - one batch`` is what the router's
-drift since the last price costs (plus the lag of a filtered price). Also the empirical spread of the
-one-batch prices against :func:`moe_balance.quantile.price_noise` (the variance the histogram predicts).
+drift since the last price costs (plus the lag of a filtered price). Also the variance of the one-batch
+prices across batches (``noise_var_measured``) and the mean square of the trained bias minus the pool's price.
 """
 
 from __future__ import annotations
@@ -27,24 +27,8 @@ from pathlib import Path
 import torch
 
 import moe_balance as mb
-from benchmarks.quality import METHODS, build, sampling_floor
+from benchmarks.quality import METHODS, build, exact_price, sampling_floor
 from moe_balance.testing import batches, evaluate_heldout, stdlib_corpus
-
-
-def exact_price(model, balancer, pool, iters: int = 20):
-    """Iterate the full price step on ``pool`` (no learning, no fold); returns (bias, predicted noise var)."""
-    hooks, balancer.post_step_hooks = balancer.post_step_hooks, []
-    controller_config, balancer._bias.cfg = balancer._bias.cfg, balancer.config.replace(quantile_step="full")
-    try:
-        with torch.enable_grad():
-            for _ in range(iters):
-                for ids in pool:
-                    model(input_ids=ids)
-                balancer.step()
-    finally:
-        balancer.post_step_hooks = hooks
-        balancer._bias.cfg = controller_config
-    return balancer.bias_LE.double().clone()
 
 
 def study(seed: int, args, train, val, sample) -> dict:
@@ -63,18 +47,18 @@ def study(seed: int, args, train, val, sample) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     trained = balancer.bias_LE.clone()
-    _, held = evaluate_heldout(model, balancer, val, args.eval_batches, seed=1234)
+    share = balancer.metrics().get("bias_step_share", 1.0)
+    val_loss, held = evaluate_heldout(model, balancer, val, args.eval_batches, seed=1234)
     out = {"trained": held["maxvio_global"], "train_last10": statistics.mean(curve[-10:]),
-           "share": balancer.metrics().get("bias_step_share", 1.0), "val_loss": evaluate_heldout(
-               model, balancer, val, args.eval_batches, seed=1234)[0], "first_below_1": next(
+           "share": share, "val_loss": val_loss, "first_below_1": next(
                (i for i in range(len(curve)) if statistics.mean(curve[max(0, i - 9):i + 1]) < 1.0), -1)}
     pool = [next(stream) for _ in range(args.pool)]
-    pool_bias = exact_price(model, balancer, pool)
+    pool_bias = exact_price(model, balancer, pool, iters=20)
     out["pool"] = evaluate_heldout(model, balancer, val, args.eval_batches, seed=1234)[1]["maxvio_global"]
     singles, biases = [], []
     for ids in pool[:args.singles]:
         balancer.bias_LE.copy_(trained)
-        bias = exact_price(model, balancer, [ids])
+        bias = exact_price(model, balancer, [ids], iters=20)
         biases.append(bias - bias.mean(-1, keepdim=True))
         singles.append(evaluate_heldout(model, balancer, val, args.eval_batches, seed=1234)[1]["maxvio_global"])
     out["one_batch"] = statistics.mean(singles)

@@ -92,6 +92,24 @@ def sampling_floor(tokens: int, repeats: int = 200) -> float:
     return statistics.mean(values)
 
 
+def exact_price(model, balancer, pool: list[torch.Tensor], iters: int) -> torch.Tensor:
+    """The bias that balances ``pool`` as a whole for the router as it stands: the quantile price set in full
+    (whatever ``quantile_step`` the run used) ``iters`` times on the pool, with the fold's hooks off (the price
+    alone: no weight moves). Returns that bias (fp64)."""
+    hooks, balancer.post_step_hooks = balancer.post_step_hooks, []
+    controller_config, balancer._bias.cfg = balancer._bias.cfg, balancer.config.replace(quantile_step="full")
+    try:
+        with torch.enable_grad():  # recorded as training windows; nothing needs grad, no backward
+            for _ in range(iters):
+                for ids in pool:
+                    model(input_ids=ids)
+                balancer.step()
+    finally:
+        balancer.post_step_hooks = hooks
+        balancer._bias.cfg = controller_config
+    return balancer.bias_LE.double().clone()
+
+
 def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: int, iters: int = 30) -> dict:
     """What a bias can reach for this router as it stands: the quantile rule iterated ``iters`` times on a
     fixed pool of training batches (nothing learns; the bias that balances the pool as a whole), then
@@ -108,14 +126,8 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
     frozen = [p for p in model.parameters() if p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
-    hooks, balancer.post_step_hooks = balancer.post_step_hooks, []  # the price alone: the fold moves no weight
-    controller_config, balancer._bias.cfg = balancer._bias.cfg, balancer.config.replace(quantile_step="full")
     try:
-        with torch.enable_grad():  # recorded as training windows; nothing needs grad, no backward
-            for _ in range(iters):
-                for ids in pool:
-                    model(input_ids=ids)
-                balancer.step()
+        exact_price(model, balancer, pool, iters)
         pooled = balancer.metrics()["maxvio_global"]
         per_batch = []
         for ids in pool:
@@ -124,8 +136,6 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
             per_batch.append(balancer.metrics()["maxvio_global"])
         _, held = evaluate_heldout(model, balancer, val, eval_batches, seed=1234)
     finally:
-        balancer.post_step_hooks = hooks
-        balancer._bias.cfg = controller_config
         for param in frozen:
             param.requires_grad_(True)
     return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"]}

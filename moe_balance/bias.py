@@ -138,16 +138,16 @@ class BiasController:
         move_LE = -q_LE
         move_LE = move_LE - move_LE.mean(-1, keepdim=True)  # prices are relative: sum(b) stays put
         if cfg.quantile_step == "filtered":
+            gains_G = torch.tensor(SHADOW_GAINS, dtype=torch.float64, device=move_LE.device)
             miss_GLE = move_LE[None] - self.shadow_GLE
-            self.step_share = self._best_shadow_gain(miss_GLE, active_L)
+            self.step_share = self._best_shadow_gain(gains_G, miss_GLE, active_L)
             move_LE = self.step_share[:, None] * move_LE
         applied_LE = self._apply(torch.where(active_L[:, None], step_size * move_LE, torch.zeros_like(move_LE)))
         if cfg.quantile_step == "filtered":
-            gains_G = torch.tensor(SHADOW_GAINS, dtype=torch.float64, device=move_LE.device)
             followed_GLE = self.shadow_GLE + gains_G[:, None, None] * miss_GLE - applied_LE[None]
             self.shadow_GLE.copy_(torch.where(active_L[None, :, None], followed_GLE, self.shadow_GLE))
 
-    def _best_shadow_gain(self, miss_GLE: torch.Tensor, active_L: torch.Tensor) -> torch.Tensor:
+    def _best_shadow_gain(self, gains_G: torch.Tensor, miss_GLE: torch.Tensor, active_L: torch.Tensor) -> torch.Tensor:
         """Per layer, the gain of the shadow filter with the smallest recent squared miss.
 
         Each shadow ``g`` tracks the price the steps' tokens ask for (the bias in effect plus the full move
@@ -161,7 +161,6 @@ class BiasController:
         error_GL = miss_GLE.pow(2).mean(-1)
         blended_GL = SHADOW_ERROR_EMA * self.shadow_error_GL + (1 - SHADOW_ERROR_EMA) * error_GL
         self.shadow_error_GL.copy_(torch.where(active_L[None], blended_GL, self.shadow_error_GL))
-        gains_G = torch.tensor(SHADOW_GAINS, dtype=torch.float64, device=miss_GLE.device)
         return gains_G[self.shadow_error_GL.argmin(0)]  # ties (the first step): the largest gain
 
     def _apply(self, delta_LE: torch.Tensor) -> torch.Tensor:
