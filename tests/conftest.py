@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -43,3 +44,20 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 600,
     if proc.returncode != 0:
         pytest.fail(f"torchrun {script.name} failed ({proc.returncode}):\n{out[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def run_scenarios(script: Path, root: Path, scenarios: dict[str, list[str]], nproc: int = 2, timeout: float = 900,
+                  env: dict[str, str] | None = None) -> None:
+    """One torchrun running each scenario in turn in the same processes (``tests.workers.run_then_exit``):
+    scenario ``name`` gets ``root/name`` as its first argument (its output folder), then its own arguments."""
+    listing = [[str(root / name), *args] for name, args in scenarios.items()]
+    (root / "scenarios.json").write_text(json.dumps(listing))
+    run_torchrun(script, "--each", str(root / "scenarios.json"), nproc=nproc, timeout=timeout, env=env)
+
+
+def scenario_result(folder: Path, nproc: int, name: str = "rank{rank}.json") -> list[dict]:
+    """What each rank of one scenario of ``run_scenarios`` wrote, or the failure with its traceback."""
+    errors = sorted(folder.glob("error*.txt"))
+    if errors:
+        pytest.fail(f"scenario {folder.name} raised:\n" + "\n".join(e.read_text()[-4000:] for e in errors))
+    return [json.loads((folder / name.format(rank=r)).read_text()) for r in range(nproc)]

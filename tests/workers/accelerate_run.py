@@ -1,6 +1,5 @@
 """Run under torchrun (2 ranks) or plainly: an Accelerate loop with moe_balance attached."""
 
-import sys
 from pathlib import Path
 
 import torch
@@ -36,4 +35,4 @@ def main(out: str, per_device_bs: int, ga: int, steps: int, lr: float) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+    run_then_exit(lambda a: main(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4])))

@@ -1,6 +1,5 @@
 """Run by torchrun: each rank routes its half of every global batch through one Balancer."""
 
-import sys
 from pathlib import Path
 
 import torch
@@ -36,4 +35,4 @@ def main(out_dir: str, rule: str) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(sys.argv[1], sys.argv[2]))
+    run_then_exit(lambda a: main(a[0], a[1]))

@@ -12,7 +12,6 @@ saves the gathered model for a stock load. Writes OUT/rank<r>.json.
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -106,4 +105,4 @@ def main(out: Path, stage: int) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(Path(sys.argv[1]), int(sys.argv[2])))
+    run_then_exit(lambda a: main(Path(a[0]), int(a[1])))

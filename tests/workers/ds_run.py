@@ -55,7 +55,7 @@ class MoELM(torch.nn.Module):
         return loss + 1e-3 * aux
 
 
-def main():
+def main(argv: list[str]):
     p = argparse.ArgumentParser()
     p.add_argument("out"); p.add_argument("model"); p.add_argument("stage", type=int)
     p.add_argument("ga", type=int); p.add_argument("steps", type=int)
@@ -68,7 +68,7 @@ def main():
     p.add_argument("--step", default="", help="quantile_step of the moe_balance entry (default: the config's)")
     p.add_argument("--no-entry", action="store_true")
     p.add_argument("--fp16", action="store_true", help="DeepSpeed fp16 with a static loss scale of 1024")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     assert world == int(os.environ["WORLD_SIZE"])

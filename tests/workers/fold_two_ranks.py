@@ -1,6 +1,5 @@
 """Run by torchrun: the online fold on two ranks, each with its half of every step's batch."""
 
-import sys
 from pathlib import Path
 
 import torch
@@ -40,4 +39,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(sys.argv[1]))
+    run_then_exit(lambda a: main(a[0]))

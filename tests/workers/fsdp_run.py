@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -330,8 +329,8 @@ def trainer_mode(out: Path, val) -> dict:
     return {"full": full, "resumed": resumed, "resumed_params_equal": same(full_end, resumed_end)}  # see above
 
 
-def main() -> None:
-    out, mode = Path(sys.argv[1]), sys.argv[2]
+def main(argv: list[str]) -> None:
+    out, mode = Path(argv[0]), argv[1]
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -57,12 +57,12 @@ def run(ckpt: Path, out: Path, engine: str, restore_callbacks: bool, resume: str
             "same_callback": driver is cb}
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("engine")
     parser.add_argument("--restore-callbacks", action="store_true")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     out = Path(a.out)
     rank = int(os.environ.get("RANK", "0"))
     ckpt = out / "ckpt"

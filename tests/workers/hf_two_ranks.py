@@ -1,7 +1,6 @@
 """Run by torchrun (2 ranks) or plainly (1 process): a real Trainer with MoEBalanceCallback."""
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -34,4 +33,4 @@ def main(folder: str, out: str, lr: float, per_device_bs: int) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])))
+    run_then_exit(lambda a: main(a[0], a[1], float(a[2]), int(a[3])))

@@ -1,6 +1,5 @@
 """Run under torchrun (2 ranks, strategy='ddp') or plainly (1 process): Lightning with MoEBalanceCallback."""
 
-import sys
 from pathlib import Path
 
 import torch
@@ -28,4 +27,4 @@ def main(out: str, per_device_bs: int, steps: int, lr: float) -> None:
 
 if __name__ == "__main__":
     from tests.workers import run_then_exit
-    run_then_exit(lambda: main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+    run_then_exit(lambda a: main(a[0], int(a[1]), int(a[2]), float(a[3])))

@@ -227,13 +227,13 @@ def run_hf(ckpt: Path, out: Path, steps: int, rate: float, balanced: bool, resum
     return result
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("mode", choices=["ds", "hf"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rate", type=float, default=2e-2)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     out = Path(a.out)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
