@@ -3,7 +3,6 @@ loss scaling, a shorter last accumulation window."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,24 +10,33 @@ import torch
 
 from moe_balance.integrations.hf import MoEBalanceCallback
 
-from .conftest import run_torchrun
+from .conftest import run_scenarios, scenario_result
 from .hf_helpers import GradCapture, args, datasets, load, saved_checkpoint
 
 transformers = pytest.importorskip("transformers")
 RESUME = Path(__file__).parent / "workers" / "hf_resume.py"
 
 
+PATHS = [("plain", False), ("plain", True), ("zero1", False), ("zero2", True), ("zero3", False)]
+
+
+@pytest.fixture(scope="module")
+def resumed_paths(tmp_path_factory) -> Path:
+    """Every path of PATHS trained and resumed in turn by one single-process torchrun."""
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("hf_resume")
+    run_scenarios(RESUME, root, {f"{engine}-{restore}": [engine, *(["--restore-callbacks"] if restore else [])]
+                                 for engine, restore in PATHS}, nproc=1, timeout=1200, env={"DS_ACCELERATOR": "cpu"})
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, restore_callbacks", [
-    ("plain", False), ("plain", True), ("zero1", False), ("zero2", True), ("zero3", False)])
-def test_resume_is_exact_on_every_trainer_path(engine, restore_callbacks, tmp_path):
+@pytest.mark.parametrize("engine, restore_callbacks", PATHS)
+def test_resume_is_exact_on_every_trainer_path(engine, restore_callbacks, resumed_paths):
     """DeepSpeed resumes through deepspeed_load_checkpoint (the balancer used to restart at step 0 and
     then overwrite the checkpoint's trained e_score_correction_bias); restore_callback_states_from_checkpoint
     rebuilds the callback from its exported args (it used to crash)."""
-    pytest.importorskip("deepspeed")
-    extra = ["--restore-callbacks"] if restore_callbacks else []
-    run_torchrun(RESUME, str(tmp_path), engine, *extra, nproc=1, timeout=600, env={"DS_ACCELERATOR": "cpu"})
-    result = json.loads((tmp_path / "rank0.json").read_text())
+    (result,) = scenario_result(resumed_paths / f"{engine}-{restore_callbacks}", 1)
     full, resumed = result["full"], result["resumed"]
     assert full["num_steps"] == resumed["num_steps"] == 8
     assert resumed["bias"] == full["bias"] and max(abs(b) for row in full["bias"] for b in row) > 0.01
