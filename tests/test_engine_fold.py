@@ -10,23 +10,30 @@ balance. (FSDP2: tests/test_fsdp.py; the HF Trainer, Lightning and a plain loop:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import run_torchrun
+from .conftest import run_scenarios, scenario_result
 from .test_export import _stock_eval
 
 SCRIPT = Path(__file__).parent / "workers" / "ds_fold_run.py"
 
 
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> Path:
+    """ZeRO-2, then ZeRO-3, in one torchrun of two ranks."""
+    root = tmp_path_factory.mktemp("ds_fold")
+    run_scenarios(SCRIPT, root, {f"zero{stage}": [str(stage)] for stage in (2, 3)}, nproc=2, timeout=900)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_bf16_fold_edits_master_and_model_copies(stage, tmp_path):
-    run_torchrun(SCRIPT, str(tmp_path), str(stage), nproc=2, timeout=420)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_deepspeed_bf16_fold_edits_master_and_model_copies(stage, stages):
+    tmp_path = stages / f"zero{stage}"
+    ranks = scenario_result(tmp_path, 2)
     for r in ranks:
         assert r["world"] == 2 and r["stage"] == stage and r["num_steps"] == 12
         assert r["calls"] == 12  # one all-reduce per step: the fold's sums ride it

@@ -1,18 +1,17 @@
 """ZeRO-3 end to end on two gloo ranks, the weights created partitioned under ``zero.Init``.
 
-One torchrun per test (tests/workers/zero3_run.py) trains a tiny skewed MoE three times on the same
+One torchrun (tests/workers/zero3_run.py) runs both entry points; each trains a tiny skewed MoE three times on the same
 seed and data: balanced with a checkpoint half way, resumed from it on a fresh partitioned model,
 and a control without balancing. Parameters are compared gathered whole.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_torchrun
+from .conftest import run_scenarios, scenario_result
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -23,10 +22,13 @@ STEPS, HALF = 30, 15
 START_BIAS = [-0.01 + 0.02 * i / 7 for i in range(8)]
 
 
-def run(tmp_path: Path, mode: str) -> list[dict]:
-    run_torchrun(SCRIPT, str(tmp_path), mode, "--steps", str(STEPS), nproc=2, timeout=600,
-                 env={"DS_ACCELERATOR": "cpu"})
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory) -> Path:
+    """Both entry points, one after the other, in one torchrun of two ranks."""
+    root = tmp_path_factory.mktemp("zero3")
+    run_scenarios(SCRIPT, root, {mode: [mode, "--steps", str(STEPS)] for mode in ("ds", "hf")}, nproc=2,
+                  timeout=1200, env={"DS_ACCELERATOR": "cpu"})
+    return root
 
 
 def close(rows_a, rows_b, tol=1e-6) -> bool:
@@ -71,11 +73,11 @@ def check_zero3_run(ranks: list[dict]) -> None:
             assert r0[name][key] == r1[name][key], (name, key)
 
 
-def test_deepspeed_initialize_zero3_partitioned_native_bias_parameter(tmp_path):
+def test_deepspeed_initialize_zero3_partitioned_native_bias_parameter(zero3_runs):
     """mb_ds.initialize on a tiny AFMoE built under zero.Init: its expert_bias is a frozen nn.Parameter
     that ZeRO-3 partitions (shape [0]); the patch reads it, the step writes it, unpatch restores it,
     gathered. Measured (30 steps, rate 2e-2): held-out MaxVio 1.56 balanced vs 3.00 control."""
-    ranks = run(tmp_path, "ds")
+    ranks = scenario_result(zero3_runs / "ds", 2)
     check_zero3_run(ranks)
     assert ranks[0]["full"]["losses"] != ranks[1]["full"]["losses"]  # each rank trained on its own data
     for rank in ranks:
@@ -83,11 +85,11 @@ def test_deepspeed_initialize_zero3_partitioned_native_bias_parameter(tmp_path):
             assert close(rank[name]["native_unpatched"], [START_BIAS] * 2), name
 
 
-def test_hf_trainer_zero3_arguments_before_from_pretrained(tmp_path):
+def test_hf_trainer_zero3_arguments_before_from_pretrained(zero3_runs):
     """TrainingArguments(deepspeed=stage 3) first, then from_pretrained (built under zero.Init), then the
     Trainer with MoEBalanceCallback on a tiny DeepSeek-V3: e_score_correction_bias follows the master on
     both ranks, after resume and in the saved model.safetensors. Measured: MaxVio 1.77 vs 3.00."""
-    ranks = run(tmp_path, "hf")
+    ranks = scenario_result(zero3_runs / "hf", 2)
     check_zero3_run(ranks)
     for rank in ranks:
         for name in ("full", "resumed", "control"):

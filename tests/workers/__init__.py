@@ -43,10 +43,10 @@ def run_then_exit(main: Callable[[list[str]], None]) -> None:
     if argv[:1] == ["--each"]:
         rank = os.environ.get("RANK", "0")
         for scenario in json.loads(Path(argv[1]).read_text()):
+            Path(scenario[0]).mkdir(parents=True, exist_ok=True)  # as a test's tmp_path: there on every rank
             try:
                 main(scenario)
             except Exception:  # recorded for that scenario's test; the others still run
-                Path(scenario[0]).mkdir(parents=True, exist_ok=True)
                 (Path(scenario[0]) / f"error{rank}.txt").write_text(traceback.format_exc())
             reset_between_scenarios()
     else:
