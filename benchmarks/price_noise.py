@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-import moe_balance as mb
-from benchmarks.quality import METHODS, build, exact_price, sampling_floor
-from moe_balance.testing import batches, evaluate_heldout, stdlib_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/price_noise.py` from anywhere
+
+import moe_balance as mb  # noqa: E402
+from benchmarks.quality import METHODS, build, exact_price, sampling_floor  # noqa: E402
+from moe_balance.testing import batches, evaluate_heldout, stdlib_corpus  # noqa: E402
 
 
 def study(seed: int, args, train, val, sample) -> dict:

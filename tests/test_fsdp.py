@@ -11,12 +11,11 @@ an exact resume (losses, biases and every parameter).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_torchrun
+from .conftest import run_scenarios, scenario_result
 
 pytest.importorskip("torch.distributed.fsdp")
 SCRIPT = Path(__file__).parent / "workers" / "fsdp_run.py"
@@ -24,9 +23,27 @@ K = 10  # steps before the checkpoint (fsdp_run.K); every run trains 2K
 TOKENS = 2 * 8 * 64  # both ranks' micro-batch of 8 x 64 in each step window
 
 
-def run(mode: str, tmp_path: Path) -> list[dict]:
-    run_torchrun(SCRIPT, str(tmp_path), mode, nproc=2, timeout=420)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+# Modes that share one torchrun. Accelerate's and the Trainer's each need their own: after another mode has
+# destroyed its process group, Accelerate's FSDP2 mesh hangs in its first collective.
+LAUNCHES = (("before", "after"), ("accelerate",), ("trainer",))
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """``fsdp_runs(mode)``: the folder of that mode's results, its launch run on first use."""
+    root, done = tmp_path_factory.mktemp("fsdp"), set()
+
+    def folder(mode: str) -> Path:
+        modes = next(group for group in LAUNCHES if mode in group)
+        if modes not in done:
+            done.add(modes)
+            run_scenarios(SCRIPT, root, {m: [m] for m in modes}, nproc=2, timeout=900)
+        return root / mode
+    return folder
+
+
+def run(mode: str, fsdp_runs) -> list[dict]:
+    ranks = scenario_result(fsdp_runs(mode), 2)
     assert [r["world"] for r in ranks] == [2, 2]
     for r in ranks:
         control = r.get("control", {"eval_maxvio": float("nan"), "train_maxvio": float("nan")})
@@ -72,9 +89,9 @@ def check(ranks: list[dict], losses_from_checkpoint: bool = False) -> None:
 
 
 @pytest.mark.slow
-def test_torch_fsdp2_patched_before_fully_shard(tmp_path):
+def test_torch_fsdp2_patched_before_fully_shard(fsdp_runs):
     """Mixtral patched first, then fully_shard per decoder layer + root (bf16 params, fp32 reduce)."""
-    ranks = run("before", tmp_path)
+    ranks = run("before", fsdp_runs)
     check(ranks)
     assert ranks[0]["full"]["native"] == []  # Mixtral: the balancer's own bias, no native buffer
     # the default rule with the online fold: every rank edits its own fp32 shard of each router with the same
@@ -85,10 +102,10 @@ def test_torch_fsdp2_patched_before_fully_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_fsdp2_patched_after_fully_shard_with_a_sharded_native_bias(tmp_path):
+def test_torch_fsdp2_patched_after_fully_shard_with_a_sharded_native_bias(fsdp_runs):
     """Ernie 4.5 sharded first, then patched: its selection bias is a frozen nn.Parameter that FSDP2
     turns into a DTensor; it is read whole at patch time and written shard by shard at each step."""
-    ranks = run("after", tmp_path)
+    ranks = run("after", fsdp_runs)
     check(ranks)
     for r in ranks:
         for name in ("full", "resumed", "control"):
@@ -99,20 +116,20 @@ def test_torch_fsdp2_patched_after_fully_shard_with_a_sharded_native_bias(tmp_pa
 
 
 @pytest.mark.slow
-def test_accelerate_fsdp2(tmp_path):
+def test_accelerate_fsdp2(fsdp_runs):
     """Accelerate FSDP2 on a ParallelismConfig mesh, attach() after prepare(); save_state/load_state go
     through torch.distributed.checkpoint (sharded), whose optimizer-state init step must not step the
     balancer (it used to: one spurious all-reduce and bias update on every load_state)."""
-    ranks = run("accelerate", tmp_path)
+    ranks = run("accelerate", fsdp_runs)
     check(ranks)
     assert all(r[name]["forced_fsdp"] for r in ranks for name in ("full", "resumed"))
 
 
 @pytest.mark.slow
-def test_hf_trainer_fsdp2(tmp_path):
+def test_hf_trainer_fsdp2(fsdp_runs):
     """The Trainer with fsdp_config version 2 (FULL_STATE_DICT checkpoints) and MoEBalanceCallback; the
     resume restores weights through FSDP's own loader and the balancer from trainer_state.json."""
-    ranks = run("trainer", tmp_path)
+    ranks = run("trainer", fsdp_runs)
     check(ranks, losses_from_checkpoint=True)
     for r in ranks:
         resumed = r["resumed"]
