@@ -11,16 +11,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, free_port, run_torchrun
+from .conftest import ROOT, free_port, run_scenarios
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "workers" / "hf_two_ranks.py"
 
 
-def test_two_rank_trainer_biases_match_each_other_and_one_process(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    run_torchrun(SCRIPT, str(ckpt), str(tmp_path / "ddp"), "0.0", "4", nproc=2, timeout=600)
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """One torchrun of two ranks: "still" (lr 0, the bias alone moves), then "training" (lr 1e-3). Each
+    scenario's folder holds its checkpoint; the ranks write into <folder>/ddp."""
+    root = tmp_path_factory.mktemp("hf_two_ranks")
+    run_scenarios(SCRIPT, root, {name: [str(root / name / "ddp"), lr, "4"]
+                                 for name, lr in (("still", "0.0"), ("training", "1e-3"))}, nproc=2, timeout=900)
+    return root
+
+
+def ddp_ranks(folder: Path) -> list[dict]:
+    errors = sorted(folder.glob("error*.txt"))
+    assert not errors, errors[0].read_text()[-4000:]
+    return [torch.load(folder / "ddp" / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_rank_trainer_biases_match_each_other_and_one_process(two_ranks, tmp_path):
+    ckpt = two_ranks / "still"
+    ranks = ddp_ranks(ckpt)
     assert [r["world"] for r in ranks] == [2, 2]
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
     assert ranks[0]["calls"] == ranks[0]["steps"] == 5  # one all-reduce per optimizer step
@@ -34,10 +49,10 @@ def test_two_rank_trainer_biases_match_each_other_and_one_process(tmp_path):
     assert ranks[0]["bias"].abs().max() > 0
 
 
-def test_two_rank_training_keeps_ranks_identical(tmp_path):
-    run_torchrun(SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "ddp"), "1e-3", "4", nproc=2, timeout=600)
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+def test_two_rank_training_keeps_ranks_identical(two_ranks):
+    ranks = ddp_ranks(two_ranks / "training")
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"]) and ranks[0]["world"] == 2
+    assert ranks[0]["steps"] == 5 and ranks[0]["calls"] == 5  # the second run's own balancer, not the first's
 
 
 DS_SCRIPT = r'''

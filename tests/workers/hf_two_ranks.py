@@ -19,7 +19,8 @@ def main(folder: str, out: str, lr: float, per_device_bs: int) -> None:
     train_ds, _ = datasets(n_train=128)
     cb = MoEBalanceCallback(bias_update="sign", bias_update_rate=1e-2, aux_loss="global_batch", write_stats=False)
     if world > 1:
-        torch.distributed.init_process_group("gloo")
+        if not torch.distributed.is_initialized():  # a previous scenario of the same launch made it
+            torch.distributed.init_process_group("gloo")
         torch.distributed.barrier()  # rank 0 wrote the checkpoint
     ddp = {"ddp_backend": "gloo"} if world > 1 else {}
     trainer = Trainer(model=load(ckpt), args=args(Path(out), max_steps=5, learning_rate=lr,
