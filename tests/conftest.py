@@ -61,3 +61,10 @@ def scenario_result(folder: Path, nproc: int, name: str = "rank{rank}.json") -> 
     if errors:
         pytest.fail(f"scenario {folder.name} raised:\n" + "\n".join(e.read_text()[-4000:] for e in errors))
     return [json.loads((folder / name.format(rank=r)).read_text()) for r in range(nproc)]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first (a stable sort): under ``--dist loadfile`` the last files to start make the
+    tail where one worker waits for the other, and short files fill it best."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
