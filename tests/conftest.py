@@ -55,11 +55,15 @@ def run_scenarios(script: Path, root: Path, scenarios: dict[str, list[str]], npr
     run_torchrun(script, "--each", str(root / "scenarios.json"), nproc=nproc, timeout=timeout, env=env)
 
 
-def scenario_result(folder: Path, nproc: int, name: str = "rank{rank}.json") -> list[dict]:
-    """What each rank of one scenario of ``run_scenarios`` wrote, or the failure with its traceback."""
+def fail_if_scenario_raised(folder: Path) -> None:
     errors = sorted(folder.glob("error*.txt"))
     if errors:
         pytest.fail(f"scenario {folder.name} raised:\n" + "\n".join(e.read_text()[-4000:] for e in errors))
+
+
+def scenario_result(folder: Path, nproc: int, name: str = "rank{rank}.json") -> list[dict]:
+    """What each rank of one scenario of ``run_scenarios`` wrote, or the failure with its traceback."""
+    fail_if_scenario_raised(folder)
     return [json.loads((folder / name.format(rank=r)).read_text()) for r in range(nproc)]
 
 
