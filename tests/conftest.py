@@ -55,6 +55,18 @@ def run_scenarios(script: Path, root: Path, scenarios: dict[str, list[str]], npr
     run_torchrun(script, "--each", str(root / "scenarios.json"), nproc=nproc, timeout=timeout, env=env)
 
 
+def run_single_process(main, *args) -> None:
+    """The one-process reference of a two-rank test, run in this process with a worker's ``main``: it saves the
+    interpreter, torch and framework start-up of a subprocess. Process-wide state (Accelerate's singletons,
+    transformers' DeepSpeed config) is reset before and after, as between the scenarios of one launch."""
+    from .workers import reset_between_scenarios
+    reset_between_scenarios()
+    try:
+        main(*args)
+    finally:
+        reset_between_scenarios()
+
+
 def fail_if_scenario_raised(folder: Path) -> None:
     errors = sorted(folder.glob("error*.txt"))
     if errors:

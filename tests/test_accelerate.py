@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 
 from moe_balance.testing import ByteWindows, batches, eval_maxvio, skew_routers, stdlib_corpus, tiny_model
 
-from .conftest import ROOT, run_torchrun
+from .conftest import run_single_process, run_torchrun
 
 accelerate = pytest.importorskip("accelerate")
 from moe_balance.integrations.accelerate import attach  # noqa: E402
@@ -132,9 +129,8 @@ def test_two_processes_equal_one_process_on_the_same_global_data(tmp_path):
     assert ranks[0]["steps"] == ranks[0]["calls"] == 6
     single_dir = tmp_path / "single"
     single_dir.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPT), str(single_dir), "8", "1", "6", "0.0"], check=True, env=env,
-                   timeout=600, capture_output=True)
+    from .workers.accelerate_run import main
+    run_single_process(main, str(single_dir), 8, 1, 6, 0.0)
     single = torch.load(single_dir / "rank0.pt")
     assert single["world"] == 1
     assert torch.equal(ranks[0]["bias"], single["bias"]) and single["bias"].abs().max() > 0

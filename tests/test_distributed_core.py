@@ -33,10 +33,17 @@ def single_process_reference(rule):
     return bal, grads
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """One torchrun for every scenario of this file (each rank writes <root>/<scenario>/rank<r>.pt)."""
+    root = tmp_path_factory.mktemp("core_two_ranks")
+    run_torchrun(SCRIPT, str(root), "sign", "quantile", "fold", nproc=2, timeout=300)
+    return root
+
+
 @pytest.mark.parametrize("rule", ["sign", "quantile"])
-def test_two_ranks_equal_one_rank(rule, tmp_path):
-    run_torchrun(SCRIPT, str(tmp_path), rule, nproc=2, timeout=300)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def test_two_ranks_equal_one_rank(rule, two_ranks):
+    ranks = [torch.load(two_ranks / rule / f"rank{r}.pt", weights_only=False) for r in range(2)]
     ref, ref_grads = single_process_reference(rule)
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
     torch.testing.assert_close(ranks[0]["bias"], ref.bias_LE, rtol=0, atol=1e-7)
@@ -49,14 +56,13 @@ def test_two_ranks_equal_one_rank(rule, tmp_path):
     assert ranks[0]["metrics"]["maxvio_global"] == pytest.approx(ref.metrics()["maxvio_global"])
 
 
-def test_online_fold_on_two_ranks_equals_one_process(tmp_path):
+def test_online_fold_on_two_ranks_equals_one_process(two_ranks):
     """The fold's input sums ride the step's one all-reduce: both ranks edit their routers identically (bitwise),
     as one process does on the concatenated batches."""
     from moe_balance.testing import tiny_model
 
     from .workers.fold_two_ranks import calibration, fold_steps
-    run_torchrun(Path(__file__).parent / "workers" / "fold_two_ranks.py", str(tmp_path), nproc=2, timeout=300)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(two_ranks / "fold" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
     balancer = mb.patch(model, fold_share=0.5)

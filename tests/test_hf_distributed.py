@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, fail_if_scenario_raised, free_port, run_scenarios
+from .conftest import ROOT, fail_if_scenario_raised, free_port, run_scenarios, run_single_process
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "workers" / "hf_two_ranks.py"
@@ -39,9 +39,8 @@ def test_two_rank_trainer_biases_match_each_other_and_one_process(two_ranks, tmp
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
     assert ranks[0]["calls"] == ranks[0]["steps"] == 5  # one all-reduce per optimizer step
     # the all-reduced expectation: one process routing the same global batches (8 sequences a step)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPT), str(ckpt), str(tmp_path / "single"), "0.0", "8"], check=True,
-                   env=env, timeout=600, capture_output=True)
+    from .workers.hf_two_ranks import main
+    run_single_process(main, str(ckpt), str(tmp_path / "single"), 0.0, 8)
     single = torch.load(tmp_path / "single" / "rank0.pt")
     assert single["world"] == 1 and single["calls"] == 0
     assert torch.equal(ranks[0]["bias"], single["bias"])

@@ -16,7 +16,7 @@ from moe_balance.integrations.lightning import MoEBalanceCallback, find_moe_mode
 from moe_balance.patching.api import patch_state_of  # noqa: E402
 from moe_balance.testing import eval_maxvio, stdlib_corpus  # noqa: E402
 
-from .conftest import ROOT, run_torchrun  # noqa: E402
+from .conftest import ROOT, run_single_process, run_torchrun  # noqa: E402
 from .lightning_helpers import CausalLM, loader, skewed_model, trainer  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
@@ -204,9 +204,8 @@ def test_two_ddp_ranks_keep_identical_biases_equal_to_one_process(tmp_path):
     assert ranks[0]["steps"] == 6 and ranks[0]["calls"] == 6
     single = tmp_path / "single"
     single.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(WORKER), str(single), "4", "6", "0.0"], check=True, env=env, timeout=600,
-                   capture_output=True)
+    from .workers.lightning_run import main
+    run_single_process(main, str(single), 4, 6, 0.0)
     one = torch.load(single / "rank0.pt")
     assert one["world"] == 1
     differ = (one["bias"] - ranks[0]["bias"]).abs()

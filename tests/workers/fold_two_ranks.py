@@ -1,9 +1,8 @@
-"""Run by torchrun: the online fold on two ranks, each with its half of every step's batch."""
+"""The online fold on two ranks, each with its half of every step's batch (run by core_two_ranks.py)."""
 
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import moe_balance as mb
 from moe_balance.testing import tiny_model
@@ -24,19 +23,11 @@ def fold_steps(model, balancer, data: list[torch.Tensor], rank: int | None = Non
         balancer.step()
 
 
-def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2, f"expected 2 ranks, got {world}"
+def run(out: Path, rank: int) -> None:
+    """In an initialized two-rank process group: three fold steps, then the router weights to ``out``."""
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     balancer = mb.patch(model, fold_share=0.5)  # the default group: WORLD
     calls = balancer.reducer.calls
     fold_steps(model, balancer, calibration(6), rank)
     routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
-    torch.save({"routers": routers, "calls": balancer.reducer.calls - calls}, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    from tests.workers import run_then_exit
-    run_then_exit(lambda a: main(a[0]))
+    torch.save({"routers": routers, "calls": balancer.reducer.calls - calls}, out / f"rank{rank}.pt")
