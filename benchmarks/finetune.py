@@ -8,8 +8,10 @@ stdlib sources with a global-batch aux loss (its routers balanced by their own w
 downloaded checkpoint), saved, then fine-tuned on a narrow domain (stdlib email, http, xml, html,
 urllib; every 5th file of that domain held out). Every row starts from the same saved checkpoint and
 sees the same batches. Columns, each with the balancer on ("patched") and the saved folder loaded by
-stock transformers ("stock"): domain val loss, held-out MaxVio; per-layer top-k agreement of stock
-with patched; loss on the general held-out set (forgetting). Mean ± std over seeds.
+stock transformers ("stock"): domain val loss, MaxVio on the held-out files and on unseen batches drawn
+like the training batches; each split's price floor (quantile rows: the exact price of fresh training
+batches for the final router, nothing learning); per-layer top-k agreement of stock with patched; loss on
+the general held-out set (forgetting). Mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 
 import torch
 
-import moe_balance as mb
-from moe_balance import export
-from moe_balance.testing import batches, stdlib_corpus, stdlib_files, tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/finetune.py` from anywhere
+
+import moe_balance as mb  # noqa: E402
+from benchmarks.quality import SERVED_KEYS_FINETUNE, exact_price, paired_table, stretch_table  # noqa: E402
+from moe_balance import export  # noqa: E402
+from moe_balance.testing import batches, stdlib_corpus, stdlib_files, tiny_model  # noqa: E402
 
 DOMAIN = ("email", "http", "xml", "html", "urllib")
 # name -> (BalanceConfig fields or None for no balancer, transformers' router_aux_loss_coef or None, fold at end)
@@ -89,6 +94,18 @@ def eval_batches(data: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
     return [next(stream) for _ in range(n)]
 
 
+def split_floors(model, balancer, pool: list[torch.Tensor], splits: list[list[torch.Tensor]], iters: int
+                 ) -> list[float]:
+    """The price floor of each evaluation split for the router as it stands: MaxVio (mean over layers, the
+    split's batches pooled, as the table measures) under the exact price of ``pool``, training batches no
+    split holds. No bias estimated from training data does better on a split; how close a split sits to its
+    floor says how much room it leaves to tell methods apart. (A price fitted on a split itself balances it
+    almost exactly, in-sample, so that is no floor.) Sets the balancer's bias: call after everything else is
+    measured."""
+    exact_price(model, balancer, pool, iters)
+    return [statistics.mean(export.routing_report(model, split)["maxvio_L"]) for split in splits]
+
+
 def run_one(name: str, seed: int, args, base: Path, train, val, general_val) -> dict:
     fields, hf_coef, fold = METHODS[name]
     model = load(base, hf_coef)
@@ -133,6 +150,11 @@ def run_one(name: str, seed: int, args, base: Path, train, val, general_val) -> 
                 "maxvio_like_stock": statistics.mean(served_like["maxvio_L"]),
                 "agreement_min": min(shares), "agreement_mean": statistics.mean(shares),
                 "general_stock": general["loss"]})
+    # Each split's floor for this run's final router (the bias-only row's is the one to read against).
+    with_price = fields is not None and balancer.config.uses_quantile and args.floor_iters > 0
+    floors = (split_floors(model, balancer, eval_batches(train, args.eval_batches, 777), [val_b, like_b],
+                           args.floor_iters) if with_price else [math.nan, math.nan])
+    row["floor_heldout"], row["floor_like"] = floors
     row["_curve"] = curve
     return row
 
@@ -142,6 +164,7 @@ COLS = [("val loss patched", "val_patched", 4), ("val loss stock", "val_stock", 
         ("MaxVio patched, train-like batches", "maxvio_like_patched", 2),
         ("MaxVio stock, train-like batches", "maxvio_like_stock", 2),
         ("routing differs (last 10 steps)", "routing_differ_last10", 3),
+        ("price floor, held-out", "floor_heldout", 2), ("price floor, train-like", "floor_like", 2),
         ("top-k agreement (min layer)", "agreement_min", 3), ("general loss stock", "general_stock", 4),
         ("mean abs bias", "bias_abs_mean", 4)]
 
@@ -170,28 +193,6 @@ LABELS = {"none": "none", "hf_aux_1e-3": "HF aux 1e-3", "global_batch_1e-2": "gl
           "quantile_end_fold": "quantile + end fold", "default": "default (online fold 1.0)",
           "fold_0.1": "online fold 0.1", "fold_0.03": "online fold 0.03", "fold_0.3": "online fold 0.3",
           "frozen_none": "frozen router", "frozen_default": "frozen + online fold"}
-
-
-def stretch_table(curves: dict[str, list[list[float]]], reference: str = "quantile_no_fold") -> str:
-    """Training-window MaxVio per tenth of the run (mean over seeds), and the worst tenth's ratio to the
-    bias-only run's (``reference``): does a method give the balance up anywhere in the run?"""
-    if reference not in curves:
-        return ""
-
-    def tenths(runs: list[list[float]]) -> list[float]:
-        n = len(runs[0])
-        bounds = [(i * n // 10, max((i + 1) * n // 10, i * n // 10 + 1)) for i in range(10)]  # >= 1 step each
-        return [statistics.mean(statistics.mean(r[a:b]) for r in runs) for a, b in bounds]
-
-    ref = tenths(curves[reference])
-    header = " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(10))
-    lines = [f"| method | {header} | worst ratio to bias-only |",
-             "|---" * 12 + "|"]
-    for name, runs in curves.items():
-        mine = tenths(runs)
-        worst = max(m / r for m, r in zip(mine, ref))
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in mine) + f" | {worst:.2f} |")
-    return "\n".join(lines) + "\n"
 
 
 def figure(rows: list[dict], path: Path) -> Path:
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--fold-batches", type=int, default=16)
+    p.add_argument("--floor-iters", type=int, default=20,
+                   help="quantile rows: price iterations for each split's price floor (0 = skip)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="finetune")
@@ -287,32 +290,11 @@ def write(rows: list[dict], curves: dict[str, list[list[float]]], out: Path, tag
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader(), writer.writerows(rows)
     (out / f"{tag}_curves.json").write_text(json.dumps(curves))
-    text = (table(rows) + "\nPaired by seed (served = stock load)\n\n" + paired_table(rows)
+    text = (table(rows) + "\nPaired by seed (served = stock load)\n\n" + paired_table(rows, SERVED_KEYS_FINETUNE)
             + "\nTraining-window MaxVio per tenth of the run (mean over seeds)\n\n" + stretch_table(curves))
     (out / f"{tag}.md").write_text(text)
     figure(rows, out / f"{tag}.png")
     return text
-
-
-def paired_table(rows: list[dict], reference: str = "quantile_no_fold", baseline: str = "none") -> str:
-    """Per method, paired by seed: served MaxVio over the bias-only run's patched MaxVio (held-out files and
-    train-like batches), served loss minus that run's patched loss and minus the unbalanced run's."""
-    by = {(r["method"], int(r["seed"])): r for r in rows}
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"| method | served / {reference} patched MaxVio, held-out | same, train-like batches | "
-             f"served loss - {reference} patched | served loss - {baseline} |", "|---|---|---|---|---|"]
-    for name in names:
-        seeds = [int(r["seed"]) for r in rows if r["method"] == name
-                 and (reference, int(r["seed"])) in by and (baseline, int(r["seed"])) in by]
-        if not seeds:
-            continue
-        pick = [(by[(name, s)], by[(reference, s)], by[(baseline, s)]) for s in seeds]
-        ratio = [m["maxvio_stock"] / ref["maxvio_patched"] for m, ref, _ in pick]
-        ratio_like = [m["maxvio_like_stock"] / ref["maxvio_like_patched"] for m, ref, _ in pick]
-        d_ref = [m["val_stock"] - ref["val_patched"] for m, ref, _ in pick]
-        d_base = [m["val_stock"] - base["val_stock"] for m, _, base in pick]
-        lines.append(f"| {name} | {cell(ratio, 3)} | {cell(ratio_like, 3)} | {cell(d_ref, 4)} | {cell(d_base, 4)} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

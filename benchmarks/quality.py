@@ -110,7 +110,8 @@ def exact_price(model, balancer, pool: list[torch.Tensor], iters: int) -> torch.
     return balancer.bias_LE.double().clone()
 
 
-def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: int, iters: int = 30) -> dict:
+def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: int, iters: int = 30,
+                train: torch.Tensor | None = None) -> dict:
     """What a bias can reach for this router as it stands: the quantile rule iterated ``iters`` times on a
     fixed pool of training batches (nothing learns; the bias that balances the pool as a whole), then
     MaxVio per training batch of that pool and over the held-out set under that bias.
@@ -120,6 +121,7 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
       floor ignores that, so it is a lower bound no router reaches.
     * ``floor_heldout``: held-out files differ from the training files; no bias estimated on training data
       does better on them than the pool's exact price.
+    * ``floor_like`` (with ``train``): the same on unseen batches drawn like the training ones.
     """
     if not balancer.config.uses_quantile:
         raise ValueError("price_floor needs a quantile balancer")
@@ -135,10 +137,13 @@ def price_floor(model, balancer, pool: list[torch.Tensor], val, eval_batches: in
                 model(input_ids=ids)
             per_batch.append(balancer.metrics()["maxvio_global"])
         _, held = evaluate_heldout(model, balancer, val, eval_batches, seed=1234)
+        like = (evaluate_heldout(model, balancer, train, eval_batches, seed=LIKE_SEED)[1]["maxvio_global"]
+                if train is not None else math.nan)
     finally:
         for param in frozen:
             param.requires_grad_(True)
-    return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"]}
+    return {"floor_pool": pooled, "floor_batch": statistics.mean(per_batch), "floor_heldout": held["maxvio_global"],
+            "floor_like": like}
 
 
 def steps_to_balance(curve: list[float], bound: float) -> int | None:
@@ -149,13 +154,19 @@ def steps_to_balance(curve: list[float], bound: float) -> int | None:
     return None
 
 
-def evaluate(model, balancer, val, n_batches: int) -> dict[str, float]:
+LIKE_SEED = 4321  # unseen batches drawn like the training ones: random windows of the training files
+
+
+def evaluate(model, balancer, val, train, n_batches: int) -> dict[str, float]:
     loss, m = evaluate_heldout(model, balancer, val, n_batches, seed=1234)
+    like = evaluate_heldout(model, balancer, train, n_batches, seed=LIKE_SEED)[1]["maxvio_global"]
     with export.as_stock(balancer):  # what stock transformers will do with the saved weights
         stock_loss, stock = evaluate_heldout(model, balancer, val, n_batches, seed=1234)
+        like_stock = evaluate_heldout(model, balancer, train, n_batches, seed=LIKE_SEED)[1]["maxvio_global"]
     return {"val_loss": loss, "bpb": loss / math.log(2), "maxvio_global": m["maxvio_global"],
             "maxvio_batch": m["maxvio_batch"], "dead_experts": m["dead_experts"], "dropped@1.0": m["dropped@1"],
-            "dropped@1.25": m["dropped@1.25"], "val_loss_stock": stock_loss, "maxvio_stock": stock["maxvio_global"]}
+            "dropped@1.25": m["dropped@1.25"], "val_loss_stock": stock_loss, "maxvio_stock": stock["maxvio_global"],
+            "maxvio_like": like, "maxvio_like_stock": like_stock}
 
 
 def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: bool) -> dict:
@@ -185,12 +196,12 @@ def run_one(name: str, seed: int, args, train, val, sample, steps: int, frozen: 
            "step_ms": 1e3 * statistics.median(times), "routing_differ_mean": statistics.mean(differ),
            "routing_differ_last10": statistics.mean(differ[-10:])}
     if not frozen:
-        row.update(evaluate(model, balancer, val, args.eval_batches))
+        row.update(evaluate(model, balancer, val, train, args.eval_batches))
         shipped = balancer.router_dim is not None
     trained_bias = balancer.bias_LE.clone()
     if balancer.config.uses_quantile and args.floor_batches:
         pool = [next(stream) for _ in range(args.floor_batches)]  # batches the run would have trained on next
-        row.update(price_floor(model, balancer, pool, val, args.eval_batches))
+        row.update(price_floor(model, balancer, pool, val, args.eval_batches, train=train))
         floor = row["floor_batch"]
         balanced = steps_to_balance(curve, 2 * floor)
         row["steps_to_2x_floor_batch"] = balanced if balanced else math.nan
@@ -234,6 +245,7 @@ def markdown(summary: list[dict], cols: list[tuple[str, str, int]], header: str)
 
 LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxvio_global", 2),
                  ("val loss stock", "val_loss_stock", 3), ("MaxVio stock", "maxvio_stock", 2),
+                 ("MaxVio train-like", "maxvio_like", 2), ("MaxVio train-like stock", "maxvio_like_stock", 2),
                  ("val loss, remainder folded", "val_loss_shipped", 3),
                  ("MaxVio, remainder folded", "maxvio_shipped", 2),
                  ("MaxVio batch", "maxvio_batch", 2), ("dead", "dead_experts", 1),
@@ -242,13 +254,77 @@ LEARNING_COLS = [("val loss", "val_loss", 3), ("MaxVio global (held-out)", "maxv
                  ("routing differs (last 10 steps)", "routing_differ_last10", 3)]
 FROZEN_COLS = [("steps to balance (frozen router)", "steps_to_balance", 0), ("step ms", "step_ms", 0)]
 FLOOR_COLS = [("pool (exact price)", "floor_pool", 2), ("per training batch", "floor_batch", 2),
-              ("held-out", "floor_heldout", 2), ("steps until < 2x per-batch floor", "steps_to_2x_floor_batch", 0)]
+              ("held-out", "floor_heldout", 2), ("train-like", "floor_like", 2),
+              ("steps until < 2x per-batch floor", "steps_to_2x_floor_batch", 0)]
 FLOOR_HEADER = ("Price floors (quantile rows; the run's final router, nothing learning, the bias iterated 30 times on "
                 "{n} training batches; MaxVio)")
 
 
+# The served model against the bias-only reference, paired by seed: which column of a benchmark's rows holds
+# the served (stock-loaded) and the patched MaxVio on the held-out files and on train-like batches, and the losses.
+SERVED_KEYS_QUALITY = {"served": ("maxvio_stock", "maxvio_like_stock"), "patched": ("maxvio_global", "maxvio_like"),
+                       "loss_served": "val_loss_stock", "loss_patched": "val_loss"}
+SERVED_KEYS_FINETUNE = {"served": ("maxvio_stock", "maxvio_like_stock"),
+                        "patched": ("maxvio_patched", "maxvio_like_patched"),
+                        "loss_served": "val_stock", "loss_patched": "val_patched"}
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "-"
+    return f"{statistics.mean(finite):.{digits}f} ± {statistics.pstdev(finite):.{digits}f}"
+
+
+def paired_table(rows: list[dict], keys: dict, reference: str = "quantile_no_fold", baseline: str = "none") -> str:
+    """Per method, paired by seed: served MaxVio over the bias-only run's patched MaxVio (held-out files and
+    train-like batches), served loss minus that run's patched loss and minus the unbalanced run's."""
+    by = {(r["method"], int(float(r["seed"]))): r for r in rows}
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    (served, served_like), (patched, patched_like) = keys["served"], keys["patched"]
+    lines = [f"| method | served / {reference} patched MaxVio, held-out | same, train-like batches | "
+             f"served loss - {reference} patched | served loss - {baseline} |", "|---|---|---|---|---|"]
+    for name in names:
+        seeds = [s for (m, s) in by if m == name and (reference, s) in by and (baseline, s) in by]
+        if not seeds:
+            continue
+        pick = [(by[(name, s)], by[(reference, s)], by[(baseline, s)]) for s in seeds]
+
+        def get(row: dict, key: str) -> float:  # older CSVs lack the train-like columns
+            return float(row.get(key, math.nan))
+        ratio = [get(m, served) / get(ref, patched) for m, ref, _ in pick]
+        ratio_like = [get(m, served_like) / get(ref, patched_like) for m, ref, _ in pick]
+        d_ref = [get(m, keys["loss_served"]) - get(ref, keys["loss_patched"]) for m, ref, _ in pick]
+        d_base = [get(m, keys["loss_served"]) - get(base, keys["loss_served"]) for m, _, base in pick]
+        lines.append(f"| {name} | {_mean_sd(ratio, 3)} | {_mean_sd(ratio_like, 3)} | {_mean_sd(d_ref, 4)} | "
+                     f"{_mean_sd(d_base, 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def stretch_table(curves: dict[str, list[list[float]]], reference: str = "quantile_no_fold") -> str:
+    """Training-window MaxVio per tenth of the run (mean over seeds), and the worst tenth's ratio to the
+    bias-only run's (``reference``): does a method give the balance up anywhere in the run?"""
+    if reference not in curves:
+        return ""
+
+    def tenths(runs: list[list[float]]) -> list[float]:
+        n = len(runs[0])
+        bounds = [(i * n // 10, max((i + 1) * n // 10, i * n // 10 + 1)) for i in range(10)]  # >= 1 step each
+        return [statistics.mean(statistics.mean(r[a:b]) for r in runs) for a, b in bounds]
+
+    ref = tenths(curves[reference])
+    header = " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(10))
+    lines = [f"| method | {header} | worst ratio to bias-only |",
+             "|---" * 12 + "|"]
+    for name, runs in curves.items():
+        mine = tenths(runs)
+        worst = max(m / r for m, r in zip(mine, ref))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in mine) + f" | {worst:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(out: Path, tag: str, learning: list[dict], frozen: list[dict], header: str, frozen_header: str,
-                 floor_batches: int) -> str:
+                 floor_batches: int, curves: dict[str, list[list[float]]] | None = None) -> str:
     """Write ``quality_<tag>.md`` (learning, frozen-router and price-floor tables) and ``quality_<tag>.csv``
     (every row) under ``out``; return the Markdown."""
     table = ""
@@ -257,6 +333,12 @@ def write_tables(out: Path, tag: str, learning: list[dict], frozen: list[dict], 
     if frozen:
         table += "\n" + markdown(summarize(frozen, ("steps_to_balance", "step_ms")), FROZEN_COLS, frozen_header)
     table += floor_table(learning + frozen, floor_batches)
+    if any(r["method"] == "quantile_no_fold" for r in learning) and any(r["method"] == "none" for r in learning):
+        table += "\nPaired by seed (served = stock view)\n\n" + paired_table(learning, SERVED_KEYS_QUALITY)
+    if curves and "quantile_no_fold" in curves:
+        seeds = len(curves["quantile_no_fold"])
+        table += (f"\nTraining-window MaxVio per tenth of the run (mean over {seeds} seeds)\n\n"
+                  + stretch_table(curves))
     (out / f"quality_{tag}.md").write_text(table)
     rows = learning + frozen
     with (out / f"quality_{tag}.csv").open("w", newline="") as f:
@@ -323,7 +405,7 @@ def main(argv=None) -> int:
         for name in methods:
             result = run_one(name, seed, args, train, val, sample, args.steps, frozen=False)
             rows.append(result["row"])
-            curves.setdefault(name, result["curve"])
+            curves.setdefault(name, []).append(result["curve"])
             r = result["row"]
             print(f"  seed {seed} {name:<18} val {r['val_loss']:.3f}  MaxVio {r['maxvio_global']:.3f}  "
                   f"dead {r['dead_experts']:.0f}  balanced at {r['steps_to_balance']}  {r['step_ms']:.0f} ms/step",
@@ -342,11 +424,11 @@ def main(argv=None) -> int:
               f"corpus hash {digest}; wall {time.time() - wall:.0f} s")
     table = write_tables(out, tag, rows, frozen_rows, header,
                          f"Frozen router (as under LoRA): {args.frozen_steps} steps, same start and data",
-                         args.floor_batches)
+                         args.floor_batches, curves)
     (out / f"quality_{tag}_curves.json").write_text(json.dumps(curves))
     try:
         from moe_balance.plot import plot_maxvio
-        plot_maxvio({n: (list(range(len(c))), c) for n, c in curves.items()},
+        plot_maxvio({n: (list(range(len(runs[0]))), runs[0]) for n, runs in curves.items()},
                     out / f"quality_{tag}_maxvio.png", smooth=max(1, args.steps // 20),
                     title=f"training-window MaxVio (seed 0, moving average of {max(1, args.steps // 20)} steps)")
     except ImportError:
@@ -364,6 +446,12 @@ def merge_tables(args) -> int:
             row = {k: (raw[k] if k in ("method", "frozen") else float(raw[k]) if raw[k] not in ("", None) else math.nan)
                    for k in raw}
             rows[(row["method"], row["seed"], row["frozen"])] = row
+    curves: dict[str, list[list[float]]] = {}
+    for path in args.merge:  # the training-window curves beside each CSV
+        beside = Path(path).with_name(Path(path).stem + "_curves.json")
+        for name, runs in (json.loads(beside.read_text()) if beside.exists() else {}).items():
+            # one run per method (older files) or one per seed
+            curves.setdefault(name, []).extend([runs] if runs and not isinstance(runs[0], list) else runs)
     learning = [r for r in rows.values() if r["frozen"] == "False"]
     frozen = [r for r in rows.values() if r["frozen"] == "True"]
     seeds = sorted({int(r["seed"]) for r in rows.values()})
@@ -371,7 +459,8 @@ def merge_tables(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "merged"
     header = f"Quality ({tag}, merged from {len(args.merge)} runs; seeds {seeds}): mean ± std [min-max]"
-    table = write_tables(out, tag, learning, frozen, header, "Frozen router", args.floor_batches)
+    table = write_tables(out, tag, learning, frozen, header, "Frozen router", args.floor_batches, curves)
+    (out / f"quality_{tag}_curves.json").write_text(json.dumps(curves))
     print(table)
     return 0
 

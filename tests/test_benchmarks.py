@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_price_noise_smoke(tmp_path):
 def test_finetune_smoke(tmp_path):
     out = run(str(ROOT / "benchmarks" / "finetune.py"), "--seeds", "1", "--steps", "10", "--pretrain-steps", "2",
               "--methods", "none,quantile_no_fold,default", "--eval-batches", "2", "--fold-batches", "2",
-              "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+              "--floor-iters", "5", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "finetune.csv").open())}
     assert set(rows) == {"none", "quantile_no_fold", "default"}
     # the default's weights carry the routing: the stock load routes as trained
@@ -67,6 +68,11 @@ def test_finetune_smoke(tmp_path):
     differ = {name: float(rows[name]["routing_differ_last10"]) for name in ("default", "quantile_no_fold")}
     assert float(rows["default"]["agreement_min"]) == 1.0 and differ["default"] < differ["quantile_no_fold"] / 3, differ
     assert "worst ratio to bias-only" in out and "Paired by seed" in out
+    # each split's price floor: only where a price exists, and below what a 10-step bias reaches
+    assert rows["none"]["floor_like"] == "nan" or math.isnan(float(rows["none"]["floor_like"]))
+    reference = rows["quantile_no_fold"]
+    assert float(reference["floor_like"]) < float(reference["maxvio_like_patched"]), reference
+    assert float(reference["floor_heldout"]) < float(reference["maxvio_patched"]), reference
     assert (tmp_path / "finetune.png").exists() and json.loads((tmp_path / "finetune_curves.json").read_text())
 
 
