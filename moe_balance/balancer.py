@@ -111,6 +111,8 @@ class Balancer(nn.Module):
             self.register_buffer("fold_p_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
             self.register_buffer("fold_a_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
             self.register_buffer("fold_fit_L", torch.zeros(L, dtype=torch.float64))
+            # the last step's input mean: what a weight edit shifts the logits by on average is ``edit @ mu``
+            self.register_buffer("fold_mu_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
         for name, width in self._window_fields:
             self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
                                  persistent=True)
@@ -400,8 +402,12 @@ class Balancer(nn.Module):
             mean_maxvio = float(stats.maxvio(counts_LE)[active].mean())
             self.aux_coef.fill_(self._adaptive.update(mean_maxvio))
         if self.router_dim is not None:
+            sums_L3D, scalars_L2 = window["fold_sums_L3D"], window["fold_scalars_L2"]
             self.fold_a_LD, self.fold_fit_L = (t.to(self.fold_a_LD) for t in cg_step(
-                self.fold_v_LD, self.fold_p_LD, window["fold_sums_L3D"], window["fold_scalars_L2"]))
+                self.fold_v_LD, self.fold_p_LD, sums_L3D, scalars_L2))
+            tokens_L1 = scalars_L2[:, :1].to(self.fold_mu_LD)
+            mean_LD = sums_L3D[:, 0].to(self.fold_mu_LD) / tokens_L1.clamp_min(1.0)
+            self.fold_mu_LD.copy_(torch.where(tokens_L1 > 0, mean_LD, self.fold_mu_LD))
         self.num_steps += 1
         for hook in self.post_step_hooks:
             hook(self)
@@ -587,7 +593,7 @@ class Balancer(nn.Module):
         # step's shadow filters (older states; quantile_gain_LE was the retired adaptive step's).
         optional = {name for name, _ in _WINDOW_FIELDS + _FOLD_FIELDS} | {
             "quantile_hist_LEB", "quantile_range_L", "last_delta_sign_LE", "quantile_gain_LE", "quantile_shadow_GLE",
-            "quantile_shadow_error_GL", "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L"}
+            "quantile_shadow_error_GL", "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L", "fold_mu_LD"}
         own = self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
         state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})

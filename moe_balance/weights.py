@@ -13,6 +13,11 @@ rank adds the slice it owns and nothing is gathered:
   through ``safe_get_full_fp32_param`` would all-reduce the whole weight);
 * DeepSpeed ZeRO-3: the low-precision partition ``param.ds_tensor`` and the fp32 partition through the
   public ``safe_get_local_fp32_param`` / ``safe_set_local_fp32_param``.
+
+A plain bf16/fp16 tensor with no master copy (a model loaded in bf16 and trained as is) rounds the edit: at
+hidden 4096 a logit shift of 0.01 keeps about 13% of itself in bf16 weights of scale 0.02, and 0.001 about 1%.
+:func:`add_to_param` then returns what the tensor actually took, so the caller keeps the rest (see
+:class:`moe_balance.patching.folding.FoldIntoRouters`).
 """
 
 from __future__ import annotations
@@ -33,12 +38,26 @@ def engine_of(param: torch.Tensor) -> str:
     return "plain"
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 @torch.no_grad()
-def add_to_param(param: torch.Tensor, delta: torch.Tensor) -> None:
-    """``param += delta`` for the full-shape ``delta`` (fp32 or fp64), in every copy the engine keeps."""
+def add_to_param(param: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
+    """``param += delta`` for the full-shape ``delta`` (fp32 or fp64), in every copy the engine keeps.
+
+    Returns the change a plain low-precision tensor (the only copy there is) actually took, in fp32 and full
+    shape, or None where the edit lands whole: an fp32/fp64 tensor, or an engine that keeps an fp32 master
+    (ZeRO, FSDP2 with fp32 shards), which the next optimizer step writes back. Every rank holds the same plain
+    tensor and rounds the same way, so what it returns is the same on every rank.
+    """
     kind = engine_of(param)
     if kind == "plain":
-        param.data.add_(delta.to(param.device, param.dtype))
+        if param.dtype not in LOW_PRECISION:
+            param.data.add_(delta.to(param.device, param.dtype))
+            return None
+        before = param.detach().float()
+        param.data.add_(delta.to(param.device, torch.float32).to(param.dtype))
+        return param.detach().float() - before
     elif kind == "dtensor":
         from torch.distributed.tensor import distribute_tensor
         local = distribute_tensor(delta.to(param.device, torch.float32), param.device_mesh, param.placements,
@@ -48,6 +67,7 @@ def add_to_param(param: torch.Tensor, delta: torch.Tensor) -> None:
         _add_zero12(param, delta)
     else:
         _add_zero3(param, delta)
+    return None
 
 
 def _add_zero12(param: torch.Tensor, delta: torch.Tensor) -> None:

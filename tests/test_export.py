@@ -13,6 +13,7 @@ import torch
 
 import moe_balance as mb
 from moe_balance import export
+from moe_balance.fold import MIN_FIT
 from moe_balance.testing import tiny_model
 
 
@@ -88,6 +89,35 @@ def test_online_fold_moves_the_share_into_the_router_and_off_the_bias(model_type
     _train_steps(model, bal, _ids(5, n=1))
     assert bal.last_window["differ_L"].sum() == 0 and bal.metrics()["routing_differ"] == 0.0
     mb.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_bf16_weights_keep_in_the_bias_what_rounding_drops(model_type):
+    """A model trained in bf16 with no fp32 master copy: a small fold edit partly rounds away. The bias gives up
+    only the logit shift the weights took (gpt-oss: its bf16 router bias's change; else the edit's mean over the
+    step's inputs), so bias + weights still carry the whole price; in fp32 all of it lands."""
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_model(model_type, vocab_size=256, experts=8).to(dtype)
+        bal = mb.patch(model)
+        _train_steps(model, bal, _ids(4, n=3))
+        assert bool((bal.fold_fit_L >= MIN_FIT).all())  # the direction fits in every layer
+        (fold,) = bal.post_step_hooks
+        _random_bias(bal, 3e-4)
+        before_LE = bal.bias_LE.double().clone()
+        routers = {n: p.detach().float().clone() for n, p in model.named_parameters()
+                   if "router" in n or "mlp.gate" in n}
+        fold(bal)
+        taken = {n: p.detach().float() - routers[n] for n, p in model.named_parameters() if n in routers}
+        for site in mb.patching.patch_state_of(model).sites:
+            change = next(c for n, c in taken.items()  # the tensor the fold edits: gpt-oss's bias, else the weight
+                          if f"layers.{site.layer}." in n and n.endswith(("router.bias", "mlp.gate.weight")))
+            shift_E = change.double() if change.dim() == 1 else change.double() @ bal.fold_mu_LD[site.layer]
+            # nothing is lost: what left the bias is exactly what the weights took
+            torch.testing.assert_close(before_LE[site.layer] - bal.bias_LE[site.layer].double(), shift_E,
+                                       rtol=0, atol=1e-6)
+        kept = float(bal.bias_LE.abs().max() / before_LE.abs().max())
+        assert kept > 0.05 if dtype == torch.bfloat16 else kept < 1e-5, (dtype, kept)
+        mb.unpatch(model)
 
 
 def test_fold_share_zero_never_touches_the_weights_and_the_default_keeps_most_of_the_bias():

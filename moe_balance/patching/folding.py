@@ -26,8 +26,11 @@ def fold_targets(site: RouterSite) -> tuple[torch.Tensor, torch.Tensor | None] |
 class FoldIntoRouters:
     """After each step (``Balancer.post_step_hooks``): move ``fold_share`` of each generic router's bias into
     its weights, exactly into its linear bias where it has one, else along the balancer's online direction
-    ``a`` (:mod:`moe_balance.fold`), and take it off the bias. Layers whose inputs do not explain a constant
-    yet (``fold_fit < MIN_FIT``: the first step, or inputs without a constant) keep their bias this step."""
+    ``a`` (:mod:`moe_balance.fold`), and take off the bias what the weights took. Layers whose inputs do not
+    explain a constant yet (``fold_fit < MIN_FIT``: the first step, or inputs without a constant) keep their bias
+    this step. Weights kept in bf16/fp16 with no master copy round a small edit away; there the logit shift the
+    edit really made (its mean over the last step's inputs) comes off the bias and the rest stays, applied by
+    the patch, until it is large enough to land: nothing of the price is lost."""
 
     def __init__(self, sites: list[RouterSite]) -> None:
         self.sites = sites
@@ -53,11 +56,16 @@ class FoldIntoRouters:
                 continue
             delta_E = share * balancer.bias_LE[site.layer].float()  # fp32: an [E, D] edit per router per step
             if exact:  # gpt-oss: the router's own constant
-                add_to_param(lin_bias, delta_E)
+                taken = add_to_param(lin_bias, delta_E)
+                shift_E = delta_E if taken is None else taken
             else:
-                add_to_param(weight, delta_E[:, None] * balancer.fold_a_LD[site.layer].to(delta_E.device)[None, :])
-            balancer.bias_LE[site.layer] -= delta_E.to(balancer.bias_LE.dtype)
-            moved[site.layer] = delta_E.float()
+                a_D = balancer.fold_a_LD[site.layer].to(delta_E.device)
+                taken = add_to_param(weight, delta_E[:, None] * a_D[None, :])
+                # what the rounded edit shifts the logits by, on average over the inputs a was fitted to
+                shift_E = delta_E if taken is None else (
+                    taken.double() @ balancer.fold_mu_LD[site.layer].to(taken.device)).float()
+            balancer.bias_LE[site.layer] -= shift_E.to(balancer.bias_LE.device, balancer.bias_LE.dtype)
+            moved[site.layer] = shift_E.float()
         return moved
 
 
