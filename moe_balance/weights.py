@@ -31,7 +31,9 @@ def engine_of(param: torch.Tensor) -> str:
     """Which copy-keeping scheme holds ``param``: ``zero3``, ``zero12``, ``dtensor`` or ``plain``."""
     if hasattr(param, "ds_id"):
         return "zero3"
-    if getattr(param, "_hp_mapping", None) is not None:
+    # ZeRO-1/2 (and the bf16 optimizer) give every parameter the attribute, None on ranks that hold no fragment
+    # of its fp32 master: those edit the model copy only, the owner rank its master
+    if hasattr(param, "_hp_mapping"):
         return "zero12"
     if _is_dtensor(param):
         return "dtensor"
@@ -73,6 +75,8 @@ def add_to_param(param: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | Non
 def _add_zero12(param: torch.Tensor, delta: torch.Tensor) -> None:
     flat = delta.reshape(-1).to(param.device, torch.float32)
     param.data.add_(flat.reshape(param.shape).to(param.dtype))
+    if param._hp_mapping is None:  # another rank holds all of this parameter's master
+        return
     address = param._hp_mapping.lp_fragment_address
     hp_fragment = param._hp_mapping.get_hp_fragment()
     hp_fragment.data.add_(flat.narrow(0, address.start, address.numel).to(hp_fragment.device, hp_fragment.dtype))
