@@ -32,7 +32,8 @@ import torch
 from . import stats
 from .balancer import load_state_file
 from .config import without_retired
-from .fold import MIN_FIT, cg_step, input_statistics
+from . import fold as fold_math
+from .fold import cg_step, input_statistics
 from .patching.api import folded_sites, patch_state_of
 from .patching.folding import fold_targets
 from .patching.strategies import RouterSite, full_shape, is_sharded
@@ -240,7 +241,7 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any] | None = None, *,
         _run(model, check_batches, rec)
         before = _selections(rec)
     online = balancer.router_dim is not None and all(
-        bool(balancer.fold_fit_L[s.layer] >= MIN_FIT) for s in sites)
+        bool(balancer.fold_fit_L[s.layer] >= fold_math.MIN_FIT) for s in sites)
     if online:
         a_LD, fit_L = balancer.fold_a_LD, balancer.fold_fit_L
     else:

@@ -13,13 +13,20 @@ import torch
 
 import moe_balance as mb
 from moe_balance import export
-from moe_balance.fold import MIN_FIT
 from moe_balance.testing import tiny_model
 
 
 def _ids(seed: int, n: int = 4, B: int = 4, S: int = 32, vocab: int = 256) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (B, S), generator=gen) for _ in range(n)]
+
+
+@pytest.fixture
+def fold_at_any_fit(monkeypatch):
+    """Random tiny models on random ids carry little of a constant (fit 0.03-0.4; trained routers' inputs
+    0.94-0.98): tests of what a fold does lower the fit it waits for (fold.MIN_FIT) so that it folds."""
+    import moe_balance.fold
+    monkeypatch.setattr(moe_balance.fold, "MIN_FIT", 0.05)
 
 
 def _random_bias(balancer, scale: float, seed: int = 0) -> None:
@@ -72,7 +79,7 @@ def test_input_statistics_skip_padding_and_non_finite_rows():
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
-def test_online_fold_moves_the_share_into_the_router_and_off_the_bias(model_type):
+def test_online_fold_moves_the_share_into_the_router_and_off_the_bias(model_type, fold_at_any_fit):
     """After each step fold_share of the bias moves into the router (gpt-oss: into its linear bias, exactly);
     with share 1 the next forward applies no bias: the patched model is the stock one."""
     model = tiny_model(model_type, vocab_size=256, experts=8)
@@ -92,7 +99,7 @@ def test_online_fold_moves_the_share_into_the_router_and_off_the_bias(model_type
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
-def test_bf16_weights_keep_in_the_bias_what_rounding_drops(model_type):
+def test_bf16_weights_keep_in_the_bias_what_rounding_drops(model_type, fold_at_any_fit):
     """A model trained in bf16 with no fp32 master copy: a small fold edit partly rounds away. The bias gives up
     only the logit shift the weights took (gpt-oss: its bf16 router bias's change; else the edit's mean over the
     step's inputs), so bias + weights still carry the whole price; in fp32 all of it lands."""
@@ -100,7 +107,7 @@ def test_bf16_weights_keep_in_the_bias_what_rounding_drops(model_type):
         model = tiny_model(model_type, vocab_size=256, experts=8).to(dtype)
         bal = mb.patch(model)
         _train_steps(model, bal, _ids(4, n=3))
-        assert bool((bal.fold_fit_L >= MIN_FIT).all())  # the direction fits in every layer
+        assert bool((bal.fold_fit_L >= 0.05).all())  # the direction fits in every layer
         (fold,) = bal.post_step_hooks
         _random_bias(bal, 3e-4)
         before_LE = bal.bias_LE.double().clone()
@@ -120,7 +127,20 @@ def test_bf16_weights_keep_in_the_bias_what_rounding_drops(model_type):
         mb.unpatch(model)
 
 
-def test_fold_share_zero_never_touches_the_weights_and_the_default_keeps_most_of_the_bias():
+def test_no_fold_until_the_inputs_explain_a_constant():
+    """Below fold.MIN_FIT a fold would scramble the routing (token t shifts by b (a . x_t), spread
+    sqrt(1/R^2 - 1) around b): the bias stays applied beside the weights, and routing_differ says so."""
+    model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp.gate" in n}
+    bal = mb.patch(model)
+    _train_steps(model, bal, _ids(4, n=3))  # random ids: a fit of a few percent
+    assert 0 < bal.metrics()["fold_fit"] < mb.fold.MIN_FIT
+    assert all(torch.equal(p, routers[n]) for n, p in model.named_parameters() if n in routers)
+    assert bal.bias_LE.abs().max() > 0 and bal.metrics()["routing_differ"] > 0
+    mb.unpatch(model)
+
+
+def test_fold_share_zero_never_touches_the_weights_and_the_default_keeps_most_of_the_bias(fold_at_any_fit):
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     before = [p.detach().clone() for p in model.parameters()]
     bal = mb.patch(model, fold_share=0.0)

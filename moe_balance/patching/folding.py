@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fold import MIN_FIT
+from .. import fold as fold_math
 from ..weights import add_to_param
 from .registry import router_owner
 from .strategies import RouterSite, full_shape
@@ -46,7 +46,7 @@ class FoldIntoRouters:
         """Fold ``share`` of every generic router's bias now; returns what each layer took (``[E]``, fp32)."""
         if balancer.router_dim is None or share == 0:
             return {}
-        fits = (balancer.fold_fit_L >= MIN_FIT).tolist()  # one host sync per step, outside the forward
+        fits = (balancer.fold_fit_L >= fold_math.MIN_FIT).tolist()  # one host sync per step, outside the forward
         moved = {}
         for site in self.sites:
             # looked up at every step: fully_shard (patched before it) and engines swap the Parameter objects

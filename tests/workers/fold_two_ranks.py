@@ -24,7 +24,9 @@ def fold_steps(model, balancer, data: list[torch.Tensor], rank: int | None = Non
 
 
 def run(out: Path, rank: int) -> None:
-    """In an initialized two-rank process group: three fold steps, then the router weights to ``out``."""
+    """In an initialized two-rank process group: three fold steps, then the router weights to ``out``.
+    Random ids carry little of a constant: the fold runs at any fit (as the test's one-process reference)."""
+    mb.fold.MIN_FIT = 0.05
     model = tiny_model("qwen3_moe", vocab_size=256, experts=8)
     balancer = mb.patch(model, fold_share=0.5)  # the default group: WORLD
     calls = balancer.reducer.calls
