@@ -113,6 +113,8 @@ class Balancer(nn.Module):
             self.register_buffer("fold_fit_L", torch.zeros(L, dtype=torch.float64))
             # the last step's input mean: what a weight edit shifts the logits by on average is ``edit @ mu``
             self.register_buffer("fold_mu_LD", torch.zeros(L, self.router_dim, dtype=torch.float64))
+            # per layer: has the fold run (its fit reached fold.MIN_FIT once)? From then on it runs at every step
+            self.register_buffer("fold_started_L", torch.zeros(L, dtype=torch.bool))
         for name, width in self._window_fields:
             self.register_buffer(name, torch.zeros(self._window_shape(width), dtype=torch.float64),
                                  persistent=True)
@@ -593,7 +595,8 @@ class Balancer(nn.Module):
         # step's shadow filters (older states; quantile_gain_LE was the retired adaptive step's).
         optional = {name for name, _ in _WINDOW_FIELDS + _FOLD_FIELDS} | {
             "quantile_hist_LEB", "quantile_range_L", "last_delta_sign_LE", "quantile_gain_LE", "quantile_shadow_GLE",
-            "quantile_shadow_error_GL", "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L", "fold_mu_LD"}
+            "quantile_shadow_error_GL", "fold_v_LD", "fold_p_LD", "fold_a_LD", "fold_fit_L", "fold_mu_LD",
+            "fold_started_L"}
         own = self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if k in own or k not in optional}
         state_dict.update({k: v for k, v in own.items() if k in optional and k not in state_dict})

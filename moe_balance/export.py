@@ -241,7 +241,7 @@ def fold_bias(model: torch.nn.Module, batches: Iterable[Any] | None = None, *,
         _run(model, check_batches, rec)
         before = _selections(rec)
     online = balancer.router_dim is not None and all(
-        bool(balancer.fold_fit_L[s.layer] >= fold_math.MIN_FIT) for s in sites)
+        bool(fold_math.fold_ready(balancer.fold_fit_L, balancer.fold_started_L)[s.layer]) for s in sites)
     if online:
         a_LD, fit_L = balancer.fold_a_LD, balancer.fold_fit_L
     else:

@@ -35,7 +35,15 @@ first tenth of the run 1.15x the bias-only MaxVio, 4 seeds; 1.05x with 0.9, whic
 bias stays applied beside the weights (``routing_differ`` shows it) and ``export.ship`` folds what is left."""
 FIT_FLOOR = 0.05
 """The direction's normalisation ``a = v / (mu . v)`` is taken no lower than this: inputs that carry almost no
-constant would blow ``a`` up (the first step only sets the search direction)."""
+constant would blow ``a`` up (the first step only sets the search direction). Once a layer has folded, it
+folds at every step whose fit is above this: the one-step estimate of the fit wanders around 0.9 on some
+models (the README demo's), and stopping then would leave a bias beside the weights at those steps."""
+
+
+def fold_ready(fit_L: torch.Tensor, started_L: torch.Tensor) -> torch.Tensor:
+    """Per layer, whether the fold moves the bias this step: the fit reached :data:`MIN_FIT`, or the layer has
+    folded before and its fit is above :data:`FIT_FLOOR`."""
+    return (fit_L >= MIN_FIT) | (started_L & (fit_L >= FIT_FLOOR))
 
 
 def input_statistics(x_TD: torch.Tensor, weight_T: torch.Tensor, v_D: torch.Tensor, p_D: torch.Tensor
@@ -86,4 +94,4 @@ def cg_step(v_LD: torch.Tensor, p_LD: torch.Tensor, sums_L3D: torch.Tensor, scal
     return a_LD, fit_L
 
 
-__all__ = ["input_statistics", "cg_step", "RIDGE", "MIN_FIT", "FIT_FLOOR"]
+__all__ = ["input_statistics", "cg_step", "fold_ready", "RIDGE", "MIN_FIT", "FIT_FLOOR"]

@@ -27,10 +27,10 @@ class FoldIntoRouters:
     """After each step (``Balancer.post_step_hooks``): move ``fold_share`` of each generic router's bias into
     its weights, exactly into its linear bias where it has one, else along the balancer's online direction
     ``a`` (:mod:`moe_balance.fold`), and take off the bias what the weights took. Layers whose inputs do not
-    explain a constant yet (``fold_fit < MIN_FIT``: the first step, or inputs without a constant) keep their bias
-    this step. Weights kept in bf16/fp16 with no master copy round a small edit away; there the logit shift the
-    edit really made (its mean over the last step's inputs) comes off the bias and the rest stays, applied by
-    the patch, until it is large enough to land: nothing of the price is lost."""
+    explain a constant well enough yet (:func:`moe_balance.fold.fold_ready`: the first steps, or inputs without
+    a constant) keep their bias this step. Weights kept in bf16/fp16 with no master copy round a small edit
+    away; there the logit shift the edit really made (its mean over the last step's inputs) comes off the bias
+    and the rest stays, applied by the patch, until it is large enough to land: nothing of the price is lost."""
 
     def __init__(self, sites: list[RouterSite]) -> None:
         self.sites = sites
@@ -46,7 +46,8 @@ class FoldIntoRouters:
         """Fold ``share`` of every generic router's bias now; returns what each layer took (``[E]``, fp32)."""
         if balancer.router_dim is None or share == 0:
             return {}
-        fits = (balancer.fold_fit_L >= fold_math.MIN_FIT).tolist()  # one host sync per step, outside the forward
+        ready_L = fold_math.fold_ready(balancer.fold_fit_L, balancer.fold_started_L)
+        fits = ready_L.tolist()  # one host sync per step, outside the forward
         moved = {}
         for site in self.sites:
             # looked up at every step: fully_shard (patched before it) and engines swap the Parameter objects
@@ -65,6 +66,7 @@ class FoldIntoRouters:
                 shift_E = delta_E if taken is None else (
                     taken.double() @ balancer.fold_mu_LD[site.layer].to(taken.device)).float()
             balancer.bias_LE[site.layer] -= shift_E.to(balancer.bias_LE.device, balancer.bias_LE.dtype)
+            balancer.fold_started_L[site.layer] = True
             moved[site.layer] = shift_E.float()
         return moved
 
