@@ -137,6 +137,12 @@ def test_no_fold_until_the_inputs_explain_a_constant():
     assert 0 < bal.metrics()["fold_fit"] < mb.fold.MIN_FIT
     assert all(torch.equal(p, routers[n]) for n, p in model.named_parameters() if n in routers)
     assert bal.bias_LE.abs().max() > 0 and bal.metrics()["routing_differ"] > 0
+    assert not bool(bal.fold_started_L.any())
+    # a layer that has folded once keeps folding while the fit wanders under the threshold (above FIT_FLOOR)
+    bal.fold_started_L[0] = True
+    _train_steps(model, bal, _ids(5, n=1))
+    assert float(bal.fold_fit_L[0]) < mb.fold.MIN_FIT and bal.bias_LE[0].abs().max() == 0
+    assert bal.bias_LE[1].abs().max() > 0 and not bool(bal.fold_started_L[1])
     mb.unpatch(model)
 
 
