@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/finetune.py` from anywhere
 
 import moe_balance as mb  # noqa: E402
-from benchmarks.quality import SERVED_KEYS_FINETUNE, exact_price, paired_table, stretch_table  # noqa: E402
+from benchmarks.quality import (SERVED_KEYS_FINETUNE, exact_price, merge_runs, paired_table,  # noqa: E402
+                                stretch_table)
 from moe_balance import export  # noqa: E402
 from moe_balance.testing import batches, stdlib_corpus, stdlib_files, tiny_model  # noqa: E402
 
@@ -248,11 +249,8 @@ def main(argv=None) -> int:
         print(figure(rows, Path(args.plot).with_suffix(".png")))
         return 0
     if args.merge:
-        rows, curves = [], {}
-        for name in args.merge:
-            rows += [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(open(name))]
-            for method, runs in json.loads(Path(name).with_name(Path(name).stem + "_curves.json").read_text()).items():
-                curves.setdefault(method, []).extend(runs)
+        # --methods picks rows; a later file replaces the rows of the same method and seed
+        rows, curves = merge_runs(args.merge, keep=set(args.methods.split(",")))
         print(write(rows, curves, Path(args.out), args.tag))
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -274,13 +272,6 @@ def main(argv=None) -> int:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     print(write(rows, curves, out, args.tag))
     return 0
-
-
-def _number(text: str) -> object:
-    try:
-        return float(text) if text not in ("",) else math.nan
-    except ValueError:
-        return text
 
 
 def write(rows: list[dict], curves: dict[str, list[list[float]]], out: Path, tag: str) -> str:

@@ -438,23 +438,39 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge_tables(args) -> int:
-    """Rebuild the Markdown tables from CSVs of split runs (e.g. one process per seed)."""
+def merge_runs(paths: list[str], keep: set[str] | None = None) -> tuple[list[dict], dict[str, list[list[float]]]]:
+    """Rows and training-window curves of finished runs (a CSV each, its ``_curves.json`` beside it), e.g. one
+    process per pair of seeds. A later file replaces the rows and curves of the same method and seed (and
+    phase), so a re-run of one method merges over an earlier full run. ``keep``: only these methods."""
     rows: dict[tuple, dict] = {}
-    for path in args.merge:
+    by_seed: dict[tuple, list[float]] = {}  # (method, seed) -> curve
+    for path in paths:
+        learned_seeds: dict[str, list[float]] = {}
         for raw in csv.DictReader(open(path, newline="")):
+            if keep is not None and raw["method"] not in keep:
+                continue
             row = {k: (raw[k] if k in ("method", "frozen") else float(raw[k]) if raw[k] not in ("", None) else math.nan)
                    for k in raw}
-            rows[(row["method"], row["seed"], row["frozen"])] = row
-    curves: dict[str, list[list[float]]] = {}
-    for path in args.merge:  # the training-window curves beside each CSV
+            rows[(row["method"], row["seed"], row.get("frozen"))] = row
+            if row.get("frozen", "False") == "False":
+                learned_seeds.setdefault(row["method"], []).append(row["seed"])
         beside = Path(path).with_name(Path(path).stem + "_curves.json")
         for name, runs in (json.loads(beside.read_text()) if beside.exists() else {}).items():
-            # one run per method (older files) or one per seed
-            curves.setdefault(name, []).extend([runs] if runs and not isinstance(runs[0], list) else runs)
-    learning = [r for r in rows.values() if r["frozen"] == "False"]
-    frozen = [r for r in rows.values() if r["frozen"] == "True"]
-    seeds = sorted({int(r["seed"]) for r in rows.values()})
+            # one curve per seed in the CSV's order (older files: the first seed's only)
+            runs = [runs] if runs and not isinstance(runs[0], list) else runs
+            by_seed.update({(name, seed): curve for seed, curve in zip(learned_seeds.get(name, []), runs)})
+    curves: dict[str, list[list[float]]] = {}
+    for (name, _), curve in sorted(by_seed.items(), key=lambda item: item[0][1]):
+        curves.setdefault(name, []).append(curve)
+    return list(rows.values()), curves
+
+
+def merge_tables(args) -> int:
+    """Rebuild the Markdown tables from CSVs of split runs (e.g. one process per seed)."""
+    rows, curves = merge_runs(args.merge)
+    learning = [r for r in rows if r["frozen"] == "False"]
+    frozen = [r for r in rows if r["frozen"] == "True"]
+    seeds = sorted({int(r["seed"]) for r in rows})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "merged"
